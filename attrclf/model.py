@@ -1,0 +1,249 @@
+"""AttrConfig (the model's config.json) and AttrClassifier: a timm backbone plus a small multilabel head.
+
+No `from __future__ import annotations` here: PyTorchModelHubMixin reads the `config: AttrConfig` annotation at run time
+to rebuild the dataclass from config.json.
+"""
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import safetensors.torch
+import timm
+import torch
+from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
+from timm.data import resolve_data_config
+from timm.models import group_parameters
+from torch import nn
+
+from .errors import AttrclfError
+
+ALL_STAGES = "all"
+
+
+@dataclass
+class AttrConfig:
+    """Everything needed to rebuild the model, preprocess an image and name the outputs.
+
+    Attributes:
+        label_names: One name per attribute, in output order.
+        backbone: timm model name.
+        head_hidden: Width of the hidden layer of the head; 0 means a single Linear.
+        head_dropout: Dropout before the first Linear of the head.
+        hidden_dropout: Dropout before the last Linear (unused when head_hidden is 0).
+        input_size: (C, H, W) the model sees.
+        mean: Per-channel normalisation mean.
+        std: Per-channel normalisation std.
+        interpolation: Resize interpolation ("bicubic", "bilinear", ...).
+        crop_pct: Centre-crop fraction used by the evaluation transform.
+        crop_mode: timm crop mode of the evaluation transform.
+        thresholds: Per-attribute decision thresholds on probabilities (tuned on validation by training).
+    """
+
+    label_names: list[str]
+    backbone: str = "resnet18"
+    head_hidden: int = 128
+    head_dropout: float = 0.5
+    hidden_dropout: float = 0.3
+    input_size: list[int] = field(default_factory=lambda: [3, 224, 224])
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.95
+    crop_mode: str = "center"
+    thresholds: list[float] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.label_names = list(self.label_names)
+        if not self.label_names:
+            raise AttrclfError("a model needs at least one attribute (label_names is empty)")
+        if not self.thresholds:
+            self.thresholds = [0.5] * len(self.label_names)
+        self.thresholds = [float(t) for t in self.thresholds]
+        if len(self.thresholds) != len(self.label_names):
+            raise AttrclfError(
+                f"config has {len(self.thresholds)} thresholds for {len(self.label_names)} attributes"
+            )
+        self.input_size = [int(v) for v in self.input_size]
+        self.mean = [float(v) for v in self.mean]
+        self.std = [float(v) for v in self.std]
+
+    @classmethod
+    def for_backbone(cls, backbone: str, label_names: list[str], image_size: int | None = None, **head) -> "AttrConfig":
+        """A config whose preprocessing comes from the backbone's timm pretrained config.
+
+        Args:
+            backbone: timm model name.
+            label_names: Attribute names.
+            image_size: Square input size; None keeps the backbone's own.
+            **head: head_hidden / head_dropout / hidden_dropout overrides.
+        """
+        check_backbone_name(backbone)
+        pretrained_cfg = timm.models.get_pretrained_cfg(backbone)
+        data_cfg = resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict() if pretrained_cfg else {})
+        input_size = list(data_cfg["input_size"])
+        if image_size:
+            input_size = [input_size[0], image_size, image_size]
+        return cls(
+            label_names=list(label_names),
+            backbone=backbone,
+            input_size=input_size,
+            mean=list(data_cfg["mean"]),
+            std=list(data_cfg["std"]),
+            interpolation=data_cfg["interpolation"],
+            crop_pct=data_cfg["crop_pct"],
+            crop_mode=data_cfg.get("crop_mode", "center"),
+            **head,
+        )
+
+
+def check_backbone_name(backbone: str) -> None:
+    if not timm.is_model(backbone):
+        close = timm.list_models(f"*{backbone.split('.')[0][:6]}*")[:8]
+        hint = f" Similar names: {', '.join(close)}." if close else ""
+        raise AttrclfError(f"unknown backbone '{backbone}': it is not a timm model name.{hint}")
+
+
+def build_head(in_features: int, num_labels: int, hidden: int, dropout: float, hidden_dropout: float) -> nn.Sequential:
+    """BatchNorm1d - Dropout - Linear(hidden) - ReLU - Dropout - Linear(A); hidden 0 gives a single Linear."""
+    layers: list[nn.Module] = [nn.BatchNorm1d(in_features), nn.Dropout(dropout)]
+    if hidden > 0:
+        layers += [nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Dropout(hidden_dropout)]
+        in_features = hidden
+    layers.append(nn.Linear(in_features, num_labels))
+    return nn.Sequential(*layers)
+
+
+def create_backbone(name: str, pretrained: bool = False, weights_file: str | None = None) -> nn.Module:
+    """A timm backbone without its classifier (forward gives pooled features).
+
+    Args:
+        name: timm model name.
+        pretrained: Download the backbone's default pretrained weights from the Hub.
+        weights_file: Load pretrained weights from this local file instead (no network).
+    """
+    check_backbone_name(name)
+    if weights_file:
+        if not Path(weights_file).is_file():
+            raise AttrclfError(f"--backbone-weights: file '{weights_file}' does not exist")
+        try:
+            return timm.create_model(
+                name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(weights_file))
+            )
+        except (RuntimeError, ValueError, OSError) as e:
+            raise AttrclfError(
+                f"--backbone-weights: could not load '{weights_file}' into backbone '{name}': {e}"
+            ) from e
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, num_classes=0)
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=0)
+    except Exception as e:  # network, offline mode, missing files: all mean "no weights here"
+        raise AttrclfError(
+            f"could not download pretrained weights for backbone '{name}' from the Hugging Face Hub "
+            f"(no network or Hub unreachable?): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
+            f"  Use --backbone-weights FILE to load a local weights file (.safetensors or .pth), "
+            f"or --no-pretrained to train the backbone from scratch."
+        ) from e
+
+
+class AttrClassifier(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="attrclf",
+    tags=["image-classification", "multilabel", "attribute-classification", "timm"],
+    pipeline_tag="image-classification",
+):
+    """timm backbone (pooled features) -> head -> (B, A) logits, one per attribute.
+
+    `from_pretrained` rebuilds the model from config.json with random backbone weights (it never downloads the
+    backbone), then loads model.safetensors strictly.
+    """
+
+    def __init__(self, config: AttrConfig, pretrained: bool = False, backbone_weights: str | None = None):
+        super().__init__()
+        self.config = config
+        self.backbone = create_backbone(config.backbone, pretrained=pretrained, weights_file=backbone_weights)
+        self.head = build_head(
+            self.backbone.num_features,
+            len(config.label_names),
+            config.head_hidden,
+            config.head_dropout,
+            config.hidden_dropout,
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) normalised pixels -> (B, A) logits."""
+        return self.head(self.backbone(pixel_values))
+
+    # ---- which parameters train in which stage ----
+
+    def backbone_stages(self) -> list[list[str]]:
+        """Backbone parameter names grouped by stage (stem first), using timm's coarse group matcher."""
+        groups = group_parameters(self.backbone, self.backbone.group_matcher(coarse=True))
+        return [names for _, names in sorted(groups.items())]
+
+    def set_trainable(self, unfreeze_stages: int | str) -> None:
+        """Head always trains; the backbone trains its last `unfreeze_stages` stages (0: none, "all": every one)."""
+        stages = self.backbone_stages()
+        if unfreeze_stages == ALL_STAGES:
+            n = len(stages)
+        else:
+            n = max(0, min(int(unfreeze_stages), len(stages)))
+        trainable = {name for names in stages[len(stages) - n :] for name in names}
+        for name, param in self.backbone.named_parameters():
+            param.requires_grad_(name in trainable)
+        for param in self.head.parameters():
+            param.requires_grad_(True)
+        self.train(self.training)  # re-apply BatchNorm modes for the new frozen set
+
+    def train(self, mode: bool = True):
+        """Like nn.Module.train, but BatchNorm layers whose parameters are all frozen stay in eval mode.
+
+        A frozen stage must not drift: in train mode its running statistics would still change.
+        """
+        super().train(mode)
+        if mode:
+            for module in self.backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    params = list(module.parameters(recurse=False))
+                    if params and not any(p.requires_grad for p in params):
+                        module.eval()
+        return self
+
+    # ---- loading: strict, safetensors only ----
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        map_location: str = "cpu",
+        **model_kwargs,
+    ):
+        model_kwargs.pop("strict", None)  # always strict
+        if not isinstance(model_kwargs.get("config"), AttrConfig):
+            raise AttrclfError(f"'{model_id}' has no attrclf config.json: is it a model saved by attrclf?")
+        model = cls(**model_kwargs)
+        if os.path.isdir(model_id):
+            model_file = os.path.join(model_id, constants.SAFETENSORS_SINGLE_FILE)
+            if not os.path.isfile(model_file):
+                raise AttrclfError(f"model folder '{model_id}' has no {constants.SAFETENSORS_SINGLE_FILE}")
+        else:
+            model_file = hf_hub_download(
+                repo_id=model_id,
+                filename=constants.SAFETENSORS_SINGLE_FILE,
+                revision=revision,
+                cache_dir=cache_dir,
+                force_download=force_download,
+                token=token,
+                local_files_only=local_files_only,
+            )
+        safetensors.torch.load_model(model, model_file, strict=True, device=map_location)
+        model.eval()
+        return model

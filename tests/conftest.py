@@ -1,0 +1,77 @@
+"""Shared fixtures. Everything runs offline on CPU; the Hub clients are told so before they are imported."""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    """Keep generated demo data and any Hub cache out of the user's home."""
+    monkeypatch.setenv("ATTRCLF_CACHE", str(tmp_path_factory.getbasetemp() / "attrclf-cache"))
+
+
+def write_image(path: Path, colour=(200, 30, 30), size=(24, 24), mode="RGB") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, colour if mode == "RGB" else 128).save(path)
+    return path
+
+
+def write_labels_dataset(root: Path, lines: list[str], images: list[str] | None = None) -> Path:
+    """root/labels.txt with `lines`, and a small image in root/images/ for each name (default: every line's first)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "labels.txt").write_text("\n".join(lines) + "\n")
+    if images is None:
+        images = [line.split()[0] for line in lines if line.strip() and line.split()[0].lower().endswith(".png")]
+    rng = np.random.default_rng(0)
+    for name in images:
+        write_image(root / "images" / name, tuple(int(v) for v in rng.integers(0, 255, 3)))
+    return root
+
+
+@pytest.fixture
+def labels_factory(tmp_path):
+    def make(lines, images=None, name="data"):
+        return write_labels_dataset(tmp_path / name, lines, images)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory():
+    """AttrClassifier on timm's tiny test_resnet at 32 px (random weights, no download)."""
+    from attrclf import AttrClassifier, AttrConfig
+
+    def make(label_names=("a", "b", "c"), head_hidden=16, seed=0, image_size=32):
+        torch.manual_seed(seed)
+        config = AttrConfig.for_backbone("test_resnet", list(label_names), image_size=image_size, head_hidden=head_hidden)
+        return AttrClassifier(config)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def saved_model(tmp_path_factory, tiny_model_factory):
+    """A tiny model saved like training saves it, with distinct thresholds."""
+    model = tiny_model_factory(("red", "round", "big"))
+    model.config.thresholds = [0.3, 0.5, 0.7]
+    folder = tmp_path_factory.mktemp("saved_model")
+    model.eval()
+    model.save_pretrained(folder)
+    return folder, model

@@ -1,0 +1,180 @@
+import json
+from dataclasses import asdict
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+from attrclf import AttrClassifier, AttrConfig, AttrclfError
+from attrclf.engine import TrainConfig, make_optimizer
+from attrclf.model import build_head
+
+
+def test_save_load_gives_identical_logits_config_and_file_set(tmp_path, tiny_model_factory):
+    model = tiny_model_factory(("a", "b", "c")).eval()
+    model.config.thresholds = [0.2, 0.5, 0.8]
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    loaded = AttrClassifier.from_pretrained(tmp_path)
+    assert loaded.config == model.config
+    assert isinstance(loaded.config, AttrConfig)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["label_names"] == ["a", "b", "c"] and saved["backbone"] == "test_resnet"
+    assert saved["thresholds"] == [0.2, 0.5, 0.8]
+    assert not loaded.training
+
+
+def test_loading_is_strict(tmp_path, tiny_model_factory):
+    model = tiny_model_factory()
+    model.save_pretrained(tmp_path)
+    weights = safetensors.torch.load_file(tmp_path / "model.safetensors")
+    weights["extra.weight"] = torch.zeros(1)
+    safetensors.torch.save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(RuntimeError, match="extra.weight"):
+        AttrClassifier.from_pretrained(tmp_path)
+    del weights["extra.weight"], weights["head.0.weight"]
+    safetensors.torch.save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(RuntimeError, match="head.0.weight"):
+        AttrClassifier.from_pretrained(tmp_path)
+
+
+def test_pickle_weights_are_never_loaded(tmp_path, tiny_model_factory):
+    model = tiny_model_factory()
+    model.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(AttrclfError, match="no model.safetensors"):
+        AttrClassifier.from_pretrained(tmp_path)
+
+
+def test_folder_without_config_is_a_clear_error(tmp_path):
+    with pytest.raises(AttrclfError, match="no attrclf config.json"):
+        AttrClassifier.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_never_fetches_the_backbone(tmp_path, monkeypatch):
+    config = AttrConfig.for_backbone("resnet18", ["x"], image_size=32)
+    AttrClassifier(config).save_pretrained(tmp_path)
+    calls = []
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: calls.append(k) or real(*a, **k))
+    AttrClassifier.from_pretrained(tmp_path)
+    assert calls and all(not k.get("pretrained") for k in calls)
+
+
+def test_config_json_round_trip_has_lists():
+    config = AttrConfig.for_backbone("test_resnet", ["a", "b"], image_size=48)
+    assert config.input_size == [3, 48, 48]
+    assert json.loads(json.dumps(asdict(config))) == asdict(config)
+    assert AttrConfig(**asdict(config)) == config
+
+
+def test_head_shapes():
+    head = build_head(8, 3, hidden=0, dropout=0.1, hidden_dropout=0.1)
+    assert [type(m).__name__ for m in head] == ["BatchNorm1d", "Dropout", "Linear"]
+    head = build_head(8, 3, hidden=5, dropout=0.1, hidden_dropout=0.2)
+    assert [type(m).__name__ for m in head] == ["BatchNorm1d", "Dropout", "Linear", "ReLU", "Dropout", "Linear"]
+    assert head[2].out_features == 5 and head[5].out_features == 3
+
+
+def test_unknown_backbone_is_a_clear_error():
+    with pytest.raises(AttrclfError, match="unknown backbone 'resnet19x'"):
+        AttrConfig.for_backbone("resnet19x", ["a"])
+
+
+def test_pretrained_download_failure_names_both_alternatives():
+    config = AttrConfig.for_backbone("test_resnet", ["a"])
+    with pytest.raises(AttrclfError) as info:
+        AttrClassifier(config, pretrained=True)  # HF_HUB_OFFLINE=1 in tests: no download possible
+    assert "--backbone-weights" in str(info.value) and "--no-pretrained" in str(info.value)
+
+
+def test_backbone_weights_file_is_loaded(tmp_path):
+    source = timm.create_model("test_resnet", num_classes=1000)
+    safetensors.torch.save_file(source.state_dict(), tmp_path / "w.safetensors")
+    model = AttrClassifier(AttrConfig.for_backbone("test_resnet", ["a"]), backbone_weights=str(tmp_path / "w.safetensors"))
+    for name, value in model.backbone.state_dict().items():
+        assert torch.equal(value, source.state_dict()[name]), name
+    with pytest.raises(AttrclfError, match="does not exist"):
+        AttrClassifier(AttrConfig.for_backbone("test_resnet", ["a"]), backbone_weights=str(tmp_path / "nope.pth"))
+
+
+# ---------------------------------------------------------------- stages
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def one_step(model, cfg):
+    optimizer = make_optimizer(model, cfg)
+    model.train()
+    logits = model(torch.randn(4, 3, 32, 32))
+    logits.pow(2).mean().backward()
+    optimizer.step()
+
+
+def test_head_stage_trains_only_the_head(tiny_model_factory):
+    model = tiny_model_factory()
+    model.set_trainable(0)
+    assert all(not p.requires_grad for p in model.backbone.parameters())
+    assert all(p.requires_grad for p in model.head.parameters())
+    before_backbone, before_head = snapshot(model.backbone), snapshot(model.head)
+    one_step(model, TrainConfig(unfreeze_stages="1").resolve())
+    after = snapshot(model.backbone)
+    for name, value in before_backbone.items():  # weights AND BatchNorm running statistics
+        assert torch.equal(value, after[name]), name
+    assert not torch.equal(before_head["2.weight"], snapshot(model.head)["2.weight"])
+
+
+def test_finetune_stage_trains_exactly_the_last_stage(tiny_model_factory):
+    model = tiny_model_factory()
+    model.set_trainable(1)
+    stages = model.backbone_stages()
+    last = set(stages[-1])
+    assert all(n.startswith("layer4.") for n in last)
+    for name, param in model.backbone.named_parameters():
+        assert param.requires_grad == (name in last), name
+    before = snapshot(model.backbone)
+    one_step(model, TrainConfig(unfreeze_stages="1").resolve())
+    after = snapshot(model.backbone)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("layer4.") for k in changed)
+
+
+def test_two_stages_and_all(tiny_model_factory):
+    model = tiny_model_factory()
+    model.set_trainable(2)
+    trainable = {n.split(".")[0] for n, p in model.backbone.named_parameters() if p.requires_grad}
+    assert trainable == {"layer3", "layer4"}
+    model.set_trainable("all")
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("backbone", ["test_efficientnet", "test_vit", "test_convnext"])
+def test_stages_work_for_other_backbones(backbone):
+    model = AttrClassifier(AttrConfig.for_backbone(backbone, ["a", "b"], image_size=32))
+    stages = model.backbone_stages()
+    assert len(stages) >= 3
+    model.set_trainable(1)
+    trainable = {n for n, p in model.backbone.named_parameters() if p.requires_grad}
+    assert trainable == set(stages[-1])
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 2)
+
+
+def test_optimizer_covers_head_and_unfreezable_tail(tiny_model_factory):
+    model = tiny_model_factory()
+    cfg = TrainConfig(unfreeze_stages="1", lr=1e-3, lr_finetune=1e-5).resolve()
+    optimizer = make_optimizer(model, cfg)
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    expected = {id(p) for p in model.head.parameters()} | {
+        id(p) for n, p in model.backbone.named_parameters() if n.startswith("layer4.")
+    }
+    assert in_optimizer == expected
+    lrs = {(g["part"], g["weight_decay"] > 0): g["lr"] for g in optimizer.param_groups}
+    assert lrs[("head", True)] == 1e-3 and lrs[("backbone", True)] == 1e-5
+    assert all(p.ndim == 1 for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"])

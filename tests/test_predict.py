@@ -1,0 +1,93 @@
+import csv
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from attrclf import AttrclfError, Predictor
+from attrclf.data import eval_transform, load_image
+from attrclf.predict import main
+
+from .conftest import REPO, write_image
+
+
+@pytest.fixture
+def images(tmp_path):
+    folder = tmp_path / "imgs"
+    write_image(folder / "red.png", (220, 20, 20), (40, 40))
+    write_image(folder / "blue.png", (20, 20, 220), (30, 50))
+    Image.new("RGBA", (40, 40), (0, 200, 0, 128)).save(folder / "green.png")
+    return folder
+
+
+def test_predictor_matches_model_on_preprocessed_image(saved_model, images):
+    folder, model = saved_model
+    predictor = Predictor.from_pretrained(str(folder), device="cpu")
+    result = predictor.predict(images / "red.png")
+    x = eval_transform(model.config)(load_image(images / "red.png"))[None]
+    with torch.no_grad():
+        expected = torch.sigmoid(model(x))[0].numpy()
+    assert list(result["probabilities"]) == ["red", "round", "big"]
+    assert np.allclose(list(result["probabilities"].values()), expected, atol=1e-6)
+    assert result["thresholds"] == {"red": 0.3, "round": 0.5, "big": 0.7}
+    assert result["present"] == [n for n, p, t in zip(["red", "round", "big"], expected, [0.3, 0.5, 0.7]) if p >= t]
+
+
+def test_batch_and_global_threshold(saved_model, images):
+    predictor = Predictor.from_pretrained(str(saved_model[0]), device="cpu")
+    paths = sorted(images.iterdir())
+    results = predictor.predict(paths, threshold=0.0)
+    assert len(results) == 3 and all(r["present"] == ["red", "round", "big"] for r in results)
+    assert all(r["present"] == [] for r in predictor.predict(paths, threshold=1.0) if max(r["probabilities"].values()) < 1)
+    single = [predictor.predict(p) for p in paths]
+    for one, batched in zip(single, results):
+        assert list(one["probabilities"].values()) == pytest.approx(list(batched["probabilities"].values()), abs=1e-6)
+    with pytest.raises(AttrclfError, match="between 0 and 1"):
+        predictor.predict(paths[0], threshold=1.5)
+
+
+def test_cli_table_prints_every_attribute_and_honours_threshold(saved_model, images, capsys):
+    assert main(["--model", str(saved_model[0]), str(images / "red.png")]) == 0
+    out = capsys.readouterr().out
+    for name in ("red", "round", "big"):
+        assert name in out
+    assert "Probability" in out and "Attributes present" in out
+    assert main(["--model", str(saved_model[0]), str(images / "red.png"), "--threshold", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("[PRESENT]") == 3 and "['red', 'round', 'big']" in out
+
+
+def test_cli_json_and_csv_for_a_folder(saved_model, images, capsys):
+    assert main(["--model", str(saved_model[0]), str(images), "--format", "json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["image"].rsplit("/", 1)[1] for r in results] == ["blue.png", "green.png", "red.png"]
+    assert set(results[0]) == {"image", "probabilities", "thresholds", "present"}
+    assert main(["--model", str(saved_model[0]), str(images), "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(rows) == 3 and {"red", "round", "big"} <= set(rows[0])
+    assert float(rows[0]["red"]) == pytest.approx(results[0]["probabilities"]["red"], abs=1e-6)
+
+
+def test_cli_reports_unreadable_image_and_continues(saved_model, images, capsys):
+    (images / "broken.png").write_text("not an image")
+    code = main(["--model", str(saved_model[0]), str(images), "--format", "json"])
+    captured = capsys.readouterr()
+    results = json.loads(captured.out)
+    assert code == 1 and len(results) == 4
+    assert "error" in next(r for r in results if r["image"].endswith("broken.png"))
+    assert "1 of 4 images could not be read" in captured.err
+
+
+def test_cli_missing_model_is_a_clear_error_without_traceback(tmp_path, images):
+    result = subprocess.run(
+        [sys.executable, "-m", "attrclf.predict", "--model", str(tmp_path / "nope"), str(images / "red.png")],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert result.returncode == 2
+    assert "neither a model folder nor a Hub id" in result.stderr
+    assert "Traceback" not in result.stderr
