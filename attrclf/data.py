@@ -227,6 +227,17 @@ def _check_unique(names: list[str], where: str) -> None:
         seen.add(name)
 
 
+def check_label_columns(label_columns: list[str], available: list[str], where: str) -> None:
+    """--label-columns must name distinct columns that exist in the source."""
+    missing = [c for c in label_columns if c not in available]
+    if missing:
+        raise AttrclfError(
+            f"--label-columns: {', '.join(repr(c) for c in missing)} not found in {where} "
+            f"(attribute columns there: {', '.join(available)})"
+        )
+    _check_unique(label_columns, "--label-columns")
+
+
 def _group_index(file_name: str, names: list[str], group_column: str | None) -> int | None:
     if group_column is None:
         return None
@@ -246,13 +257,7 @@ def select_columns(label_names: list[str], rows: list[dict], label_columns: list
     """Keep only `label_columns` (in that order); rows are changed in place."""
     if not label_columns:
         return label_names, rows
-    missing = [c for c in label_columns if c not in label_names]
-    if missing:
-        raise AttrclfError(
-            f"--label-columns: {', '.join(repr(c) for c in missing)} not found in {where} "
-            f"(attributes there: {', '.join(label_names)})"
-        )
-    _check_unique(label_columns, "--label-columns")
+    check_label_columns(label_columns, label_names, where)
     index = [label_names.index(c) for c in label_columns]
     for row in rows:
         row["labels"] = [row["labels"][i] for i in index]
@@ -311,13 +316,7 @@ def read_metadata(path: Path, label_columns: list[str] | None, group_column: str
         raise AttrclfError(f"--group-column: '{group_column}' is not a column of {path.name} (columns: {', '.join(columns)})")
     candidates = [c for c in columns if c not in ("file_name", group_column)]
     if label_columns:
-        missing = [c for c in label_columns if c not in candidates]
-        if missing:
-            raise AttrclfError(
-                f"--label-columns: {', '.join(repr(c) for c in missing)} not found in {path.name} "
-                f"(columns: {', '.join(columns)})"
-            )
-        _check_unique(label_columns, "--label-columns")
+        check_label_columns(label_columns, candidates, path.name)
     names = list(label_columns) if label_columns else candidates
     if not names:
         raise AttrclfError(f"{path.name}: no attribute columns besides 'file_name'")
@@ -416,9 +415,7 @@ def normalise_hf_split(ds: Dataset, where: str, label_columns, group_column):
         if isinstance(f, Value) and n not in (image_column, group_column, "file_name", "image_name")
     ]
     if label_columns:
-        missing = [c for c in label_columns if c not in ds.column_names]
-        if missing:
-            raise AttrclfError(f"--label-columns: {', '.join(map(repr, missing))} not in {where} ({', '.join(ds.column_names)})")
+        check_label_columns(label_columns, ds.column_names, where)
     names = list(label_columns) if label_columns else scalar
     if not names:
         raise AttrclfError(f"{where}: no attribute columns; name them with --label-columns")

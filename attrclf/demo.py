@@ -1,7 +1,7 @@
 """The embedded demo dataset: generated, deterministic, small images whose attributes are visible.
 
 Each image is one shape on a textured background. Attributes (1 / 0 / NA):
-    circle           the shape is a circle (else a square or a triangle)
+    circle           the shape is a circle (else a square)
     red              the shape is red (else another hue)
     striped          the shape is striped (else solid); its annotators often said "not sure", so NA is common
     large            the shape is large (else small)
@@ -22,12 +22,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 LABEL_NAMES = ["circle", "red", "striped", "large", "dark_background", "dot"]
-POSITIVE_RATE = {"circle": 0.35, "red": 0.3, "striped": 0.3, "large": 0.45, "dark_background": 0.5, "dot": 0.08}
+POSITIVE_RATE = {"circle": 0.4, "red": 0.3, "striped": 0.3, "large": 0.45, "dark_background": 0.5, "dot": 0.08}
 NA_RATE = {"striped": 0.3}
 DEFAULT_NA_RATE = 0.1
 OTHER_HUES = [(40, 170, 60), (40, 90, 210), (225, 200, 40), (150, 60, 190), (30, 170, 180), (235, 130, 30)]
 RED = (215, 35, 35)
-VERSION = 1
+VERSION = 2
 
 
 def default_root(num_images: int, image_size: int) -> Path:
@@ -45,23 +45,21 @@ def draw_example(rng: np.random.Generator, attributes: dict[str, int], size: int
     image = Image.fromarray(background).resize((big, big), Image.BILINEAR)
     draw = ImageDraw.Draw(image)
 
-    radius = big * (rng.uniform(0.3, 0.4) if attributes["large"] else rng.uniform(0.12, 0.19))
+    radius = big * (rng.uniform(0.33, 0.42) if attributes["large"] else rng.uniform(0.18, 0.25))
     margin = radius + big * 0.04
     cx, cy = rng.uniform(margin, big - margin, 2)
     colour = RED if attributes["red"] else OTHER_HUES[rng.integers(len(OTHER_HUES))]
     colour = tuple(int(np.clip(c + rng.normal(0, 12), 0, 255)) for c in colour)
-    shape = "circle" if attributes["circle"] else ("square", "triangle")[rng.integers(2)]
+    shape = "circle" if attributes["circle"] else "square"
 
     mask = Image.new("L", (big, big), 0)
     mask_draw = ImageDraw.Draw(mask)
     box = [cx - radius, cy - radius, cx + radius, cy + radius]
     if shape == "circle":
         mask_draw.ellipse(box, fill=255)
-    elif shape == "square":
+    else:
         side = radius * 0.85
         mask_draw.rectangle([cx - side, cy - side, cx + side, cy + side], fill=255)
-    else:
-        mask_draw.polygon([(cx, cy - radius), (cx - radius, cy + radius * 0.8), (cx + radius, cy + radius * 0.8)], fill=255)
     fill = Image.new("RGB", (big, big), colour)
     if attributes["striped"]:
         stripes = ImageDraw.Draw(fill)

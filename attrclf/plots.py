@@ -33,6 +33,7 @@ def plot_loss_curves(history: dict, path: Path, title: str = "attrclf training")
             right.text(epochs["epoch"][i] - 0.45, right.get_ylim()[1], f" {stages[i]}", va="top", fontsize=8)
     if history.get("best_epoch"):
         right.axvline(history["best_epoch"], color="green", linestyle=":", linewidth=1.2, label="best (val mAP)")
+    right.xaxis.get_major_locator().set_params(integer=True)
     right.set_xlabel("epoch")
     right.set_ylabel("loss (known labels only)")
     right.set_title("Train vs validation loss per epoch")
