@@ -12,6 +12,7 @@ from accelerate.utils import set_seed
 from attrclf.engine import (
     TrainConfig,
     build_model,
+    configure_threads,
     finalize,
     fit,
     load_training_data,
@@ -25,6 +26,7 @@ from attrclf.errors import AttrclfError
 def training_function(cfg: TrainConfig) -> dict:
     accelerator = Accelerator()
     set_seed(cfg.seed)
+    threads = configure_threads(cfg, accelerator)
     data = load_training_data(cfg, accelerator)
     accelerator.print(
         f"data: {data.source}: {len(data.train)} train / {len(data.validation)} validation images, "
@@ -38,7 +40,8 @@ def training_function(cfg: TrainConfig) -> dict:
     accelerator.print(
         f"model: {cfg.backbone} ({'pretrained' if cfg.pretrained else 'from scratch'}), input "
         f"{model.config.input_size[1]}px; stages: head {cfg.head_epochs} epoch(s), then unfreeze "
-        f"{cfg.unfreeze_stages}; device {accelerator.device}, {accelerator.num_processes} process(es)"
+        f"{cfg.unfreeze_stages}; device {accelerator.device}, {accelerator.num_processes} process(es), "
+        f"{threads} thread(s) each"
     )
     result = fit(model, data, cfg, accelerator)
     model = accelerator.unwrap_model(model)

@@ -1,7 +1,7 @@
 """The embedded demo dataset: generated, deterministic, small images whose attributes are visible.
 
-Each image is one shape on a textured background. Attributes (1 / 0 / NA):
-    circle           the shape is a circle (else a square)
+Each image is one shape (a circle or a square, not an attribute) on a textured background. Attributes (1 / 0 / NA):
+    outlined         the shape has a thick outline (white on dark backgrounds, black on light ones)
     red              the shape is red (else another hue)
     striped          the shape is striped (else solid); its annotators often said "not sure", so NA is common
     large            the shape is large (else small)
@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-LABEL_NAMES = ["circle", "red", "striped", "large", "dark_background", "dot"]
-POSITIVE_RATE = {"circle": 0.4, "red": 0.3, "striped": 0.3, "large": 0.45, "dark_background": 0.5, "dot": 0.08}
+LABEL_NAMES = ["outlined", "red", "striped", "large", "dark_background", "dot"]
+POSITIVE_RATE = {"outlined": 0.35, "red": 0.3, "striped": 0.3, "large": 0.45, "dark_background": 0.5, "dot": 0.08}
 NA_RATE = {"striped": 0.3}
 DEFAULT_NA_RATE = 0.1
 OTHER_HUES = [(40, 170, 60), (40, 90, 210), (225, 200, 40), (150, 60, 190), (30, 170, 180), (235, 130, 30)]
 RED = (215, 35, 35)
-VERSION = 2
+VERSION = 3
 
 
 def default_root(num_images: int, image_size: int) -> Path:
@@ -50,15 +50,15 @@ def draw_example(rng: np.random.Generator, attributes: dict[str, int], size: int
     cx, cy = rng.uniform(margin, big - margin, 2)
     colour = RED if attributes["red"] else OTHER_HUES[rng.integers(len(OTHER_HUES))]
     colour = tuple(int(np.clip(c + rng.normal(0, 12), 0, 255)) for c in colour)
-    shape = "circle" if attributes["circle"] else "square"
+    shape = ("circle", "square")[rng.integers(2)]
 
     mask = Image.new("L", (big, big), 0)
     mask_draw = ImageDraw.Draw(mask)
     box = [cx - radius, cy - radius, cx + radius, cy + radius]
+    side = radius * 0.85
     if shape == "circle":
         mask_draw.ellipse(box, fill=255)
     else:
-        side = radius * 0.85
         mask_draw.rectangle([cx - side, cy - side, cx + side, cy + side], fill=255)
     fill = Image.new("RGB", (big, big), colour)
     if attributes["striped"]:
@@ -69,13 +69,19 @@ def draw_example(rng: np.random.Generator, attributes: dict[str, int], size: int
             x0 = k * period
             stripes.polygon([(x0, 0), (x0 + period / 2, 0), (x0 + period / 2 - big, big), (x0 - big, big)], fill=shade)
     image.paste(fill, (0, 0), mask)
+    ink = (245, 245, 245) if attributes["dark_background"] else (20, 20, 20)
+    if attributes["outlined"]:
+        width = max(2, int(big * 0.035))
+        if shape == "circle":
+            draw.ellipse(box, outline=ink, width=width)
+        else:
+            draw.rectangle([cx - side, cy - side, cx + side, cy + side], outline=ink, width=width)
 
     if attributes["dot"]:
         dot_radius = big * 0.06
         corner = rng.integers(4)
         dx = big * 0.14 if corner % 2 == 0 else big * 0.86
         dy = big * 0.14 if corner < 2 else big * 0.86
-        ink = (250, 250, 250) if attributes["dark_background"] else (15, 15, 15)
         draw.ellipse([dx - dot_radius, dy - dot_radius, dx + dot_radius, dy + dot_radius], fill=ink)
     return image.resize((size, size), Image.LANCZOS)
 

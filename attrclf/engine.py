@@ -86,6 +86,8 @@ class TrainConfig:
     color_jitter: float = _opt("brightness/contrast/saturation jitter (hue never changes)", 0.3)
     random_erasing: float = _opt("probability of random erasing", 0.1)
     num_workers: int | None = _opt("DataLoader worker processes (default: one per spare CPU core, at most 4)")
+    cpu_threads: int | None = _opt("torch threads per process on CPU (default: the cores divided among the processes; "
+                                   "`accelerate launch` sets OMP_NUM_THREADS=1, which would leave cores idle)")
     seed: int = _opt("random seed (split, initialisation, augmentation, order)", 42)
     max_steps: int | None = _opt("stop after this many optimiser steps (smoke runs)")
     output_dir: str = _opt("where the model and reports are written", "outputs")
@@ -158,6 +160,15 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 # ---------------------------------------------------------------- building blocks
+
+
+def configure_threads(cfg: TrainConfig, accelerator: Accelerator) -> int:
+    """On CPU, give each process its share of the cores (accelerate's launcher pins every process to one thread)."""
+    if accelerator.device.type != "cpu":
+        return torch.get_num_threads()
+    threads = cfg.cpu_threads or max(1, (os.cpu_count() or 1) // accelerator.num_processes)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def load_training_data(cfg: TrainConfig, accelerator: Accelerator) -> AttrData:

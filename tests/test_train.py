@@ -35,7 +35,7 @@ def test_accelerate_launch_trains_the_demo_end_to_end(tmp_path):
     assert len(history["iterations"]["loss"]) == 4 * (192 // 16)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["data"]["train_images"] == 192 and metrics["data"]["validation_images"] == 48
-    assert set(metrics["validation"]["per_attribute"]) == {"circle", "red", "striped", "large", "dark_background", "dot"}
+    assert set(metrics["validation"]["per_attribute"]) == {"outlined", "red", "striped", "large", "dark_background", "dot"}
     assert 0 <= metrics["validation"]["mAP"] <= 1
     config = json.loads((out / "config.json").read_text())
     assert config["thresholds"] == [metrics["validation"]["per_attribute"][n]["threshold"] for n in config["label_names"]]
