@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from . import demo
@@ -305,6 +304,7 @@ class FitResult:
     epochs_run: int
     stopped_early: bool
     seconds: float
+    pos_weight: list[float]
 
 
 def fit(model: AttrClassifier, data: AttrData, cfg: TrainConfig, accelerator: Accelerator) -> FitResult:
@@ -359,7 +359,8 @@ def fit(model: AttrClassifier, data: AttrData, cfg: TrainConfig, accelerator: Ac
     stopped_early = epoch + 1 < cfg.epochs
     state["history"]["best_epoch"] = best["epoch"]
     return FitResult(state["history"], best["epoch"], best["score"], best["state"], best["probs"], best["targets"],
-                     best["mask"], best["val_loss"], epoch + 1, stopped_early, time.time() - start)
+                     best["mask"], best["val_loss"], epoch + 1, stopped_early, time.time() - start,
+                     pos_weight.tolist())
 
 
 def _record_epoch(history, epoch, stage, train_loss, val_loss, val_map, optimizer, seconds):
@@ -386,7 +387,6 @@ def finalize(model: AttrClassifier, result: FitResult, data: AttrData, cfg: Trai
     model.config.thresholds = thresholds
     evaluation = evaluate_predictions(result.val_probs, result.val_targets, result.val_mask, data.label_names, thresholds)
     train_counts = label_counts(data.train["labels"], len(data.label_names))
-    pos_weight, _ = compute_pos_weight(train_counts, data.label_names, cfg.pos_weight_cap)
     return {
         "validation": {"loss": result.val_loss, **evaluation},
         "best_epoch": result.best_epoch,
@@ -405,7 +405,7 @@ def finalize(model: AttrClassifier, result: FitResult, data: AttrData, cfg: Trai
             "skipped_images": len(data.skipped),
             "skipped": data.skipped,
         },
-        "pos_weight": dict(zip(data.label_names, [round(w, 4) for w in pos_weight.tolist()])),
+        "pos_weight": dict(zip(data.label_names, [round(w, 4) for w in result.pos_weight])),
         "thresholds_note": "thresholds maximise F1 on the validation split; f1_macro_tuned is measured on the same "
                            "images (optimistic), f1_macro_tuned_crossfit on held-out halves (honest)",
     }
