@@ -356,7 +356,7 @@ def fit(model: AttrClassifier, data: AttrData, cfg: TrainConfig, accelerator: Ac
         if since_best >= cfg.early_stop_patience and stage == stage_at(cfg.epochs - 1, cfg):
             accelerator.print(f"early stopping: no better validation mAP for {since_best} epochs")
             break
-    stopped_early = epoch + 1 < cfg.epochs
+    stopped_early = since_best >= cfg.early_stop_patience and epoch + 1 < cfg.epochs
     state["history"]["best_epoch"] = best["epoch"]
     return FitResult(state["history"], best["epoch"], best["score"], best["state"], best["probs"], best["targets"],
                      best["mask"], best["val_loss"], epoch + 1, stopped_early, time.time() - start,
