@@ -46,7 +46,8 @@ def _opt(help_text: str, default=None, **extra):
 class TrainConfig:
     """Optimisation and data settings of one run; saved as train_config.json, never in config.json.
 
-    `None` on pretrained / head_epochs / unfreeze_stages / lr_finetune / image_size means "decide from the run":
+    `None` on pretrained / head_epochs / unfreeze_stages / lr_finetune / image_size / epochs / batch_size / lr
+    means "decide from the run" (data or demo, pretrained or from scratch):
     see `resolve`.
     """
 
