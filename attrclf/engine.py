@@ -283,7 +283,8 @@ def evaluate(model, loader, loss_fn, accelerator) -> tuple[float, np.ndarray, np
         all_targets.append(targets.cpu())
         all_masks.append(mask.cpu())
     logits, targets, mask = torch.cat(all_logits), torch.cat(all_targets), torch.cat(all_masks)
-    loss = loss_fn(logits, targets, mask.bool()).item()
+    device = accelerator.device  # the loss's pos_weight lives there
+    loss = loss_fn(logits.to(device), targets.to(device), mask.bool().to(device)).item()
     return loss, torch.sigmoid(logits).numpy(), targets.numpy(), mask.bool().numpy()
 
 
