@@ -25,6 +25,7 @@ from timm.data import create_transform
 from .errors import AttrclfError
 from .model import AttrConfig
 
+NA_POLICIES = ("ignore", "negative")  # what training does with NA: leave it out of the loss, or call it 0
 NA_TOKENS = {"na", "n/a", "nan", "null", "none", "-1", ""}
 POSITIVE_TOKENS = {"1", "1.0", "true"}
 NEGATIVE_TOKENS = {"0", "0.0", "false"}
@@ -664,17 +665,130 @@ def make_loader(
     shuffle: bool,
     num_workers: int = 0,
     seed: int = 0,
+    sample_weights: list[float] | None = None,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader of `collate` batches; training loaders drop a ragged last batch (BatchNorm needs >= 2)."""
+    """A DataLoader of `collate` batches; training loaders drop a ragged last batch (BatchNorm needs >= 2).
+
+    With `sample_weights` (one per row, see `balanced_sample_weights`) a seeded WeightedRandomSampler draws len(ds)
+    rows with replacement per epoch instead of shuffling. Accelerate shards it correctly over processes: every
+    process draws the same sequence (it synchronises the sampler's generator from process 0 at each epoch) and keeps
+    its own share of the batches.
+    """
     drop_last = shuffle and len(ds) > batch_size
     generator = torch.Generator().manual_seed(seed)
+    sampler = None
+    if sample_weights is not None:
+        sampler = torch.utils.data.WeightedRandomSampler(sample_weights, len(ds), replacement=True, generator=generator)
     return torch.utils.data.DataLoader(
         ds.with_transform(BatchTransform(transform)),
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
         drop_last=drop_last,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         collate_fn=collate,
         generator=generator,
     )
+
+
+def balanced_sample_weights(labels: list[list[int | None]], num_labels: int, cap: float | None = None) -> list[float]:
+    """Per-image sampling weights from rare known positives (the class-balanced sampler).
+
+    weight(image) = max over the attributes the image is KNOWN positive for of known(a) / positives(a), i.e. one over
+    the positive frequency among a's known labels; 1 for an image with no known positive. NA never raises a weight.
+    `cap` bounds the weights so that one image of a very rare attribute is not drawn hundreds of times an epoch.
+    """
+    counts = label_counts(labels, num_labels)
+    inverse_frequency = [known / pos if pos else 1.0 for pos, known in zip(counts["positive"], counts["known"])]
+    weights = [max([1.0] + [w for v, w in zip(row, inverse_frequency) if v == 1]) for row in labels]
+    return [min(w, cap) if cap else w for w in weights]
+
+
+def apply_na_policy(targets: torch.Tensor, mask: torch.Tensor, policy: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training targets and mask under --na-policy: "ignore" leaves NA out of the loss; "negative" counts it as 0.
+
+    Only training batches go through this: validation metrics and threshold tuning always skip NA.
+    """
+    if policy == "ignore":
+        return targets, mask
+    if policy == "negative":
+        return torch.where(mask, targets, torch.zeros_like(targets)), torch.ones_like(mask)
+    raise AttrclfError(f"unknown --na-policy '{policy}'; choose one of: {', '.join(NA_POLICIES)}")
+
+
+def training_counts(labels: list[list[int | None]], num_labels: int, policy: str = "ignore") -> dict[str, list[int]]:
+    """label_counts as the training loss sees them: under --na-policy negative, NA counts as a negative."""
+    counts = label_counts(labels, num_labels)
+    if policy == "negative":
+        counts["negative"] = [n + na for n, na in zip(counts["negative"], counts["na"])]
+        counts["known"] = [k + na for k, na in zip(counts["known"], counts["na"])]
+        counts["na"] = [0] * num_labels
+    return counts
+
+
+# ---------------------------------------------------------------- mixup / cutmix
+
+
+def mix_known(mask: torch.Tensor, lam: float) -> torch.Tensor:
+    """A mixed entry is known only where both sources are known (a source with weight 0 does not count)."""
+    return (mask | (lam == 0.0)) & (mask.flip(0) | (lam == 1.0))
+
+
+def mixup(pixel_values, targets, mask, lam: float):
+    """Each image blended with its mirror in the batch (i with B-1-i): lam * own + (1 - lam) * partner."""
+    mixed_pixels = pixel_values * lam + pixel_values.flip(0) * (1.0 - lam)
+    return mixed_pixels, targets * lam + targets.flip(0) * (1.0 - lam), mix_known(mask, lam)
+
+
+def cutmix_box(height: int, width: int, lam: float, rng=np.random) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of a box of area about (1 - lam) * H * W centred uniformly, clipped to the image."""
+    ratio = math.sqrt(1.0 - lam)
+    cut_h, cut_w = int(height * ratio), int(width * ratio)
+    cy, cx = rng.randint(0, height), rng.randint(0, width)
+    return (max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height), max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width))
+
+
+def cutmix(pixel_values, targets, mask, box: tuple[int, int, int, int]):
+    """The partner's pixels (i with B-1-i) pasted into `box`; lam is the area left to the image's own pixels.
+
+    Returns:
+        (pixels, targets, mask, lam), lam = 1 - box area / image area (from the clipped box, not the drawn lam).
+    """
+    top, bottom, left, right = box
+    height, width = pixel_values.shape[-2:]
+    lam = 1.0 - (bottom - top) * (right - left) / (height * width)
+    mixed_pixels = pixel_values.clone()
+    mixed_pixels[..., top:bottom, left:right] = pixel_values.flip(0)[..., top:bottom, left:right]
+    return mixed_pixels, targets * lam + targets.flip(0) * (1.0 - lam), mix_known(mask, lam), lam
+
+
+class BatchMixer:
+    """Mixup / CutMix on training batches (never on validation). With both on, each batch picks one, CutMix with
+    probability `switch_prob` (timm's switch).
+
+    Draws from numpy's global generator like timm's Mixup, so `accelerate.utils.set_seed` seeds it and
+    accelerate's saved training state restores it.
+
+    Args:
+        mixup_alpha: Beta(alpha, alpha) parameter of mixup's lam; 0 turns mixup off.
+        cutmix_alpha: Beta(alpha, alpha) parameter of CutMix's lam; 0 turns CutMix off.
+        switch_prob: Probability of CutMix when both are on.
+        rng: numpy.random or a RandomState (tests).
+    """
+
+    def __init__(self, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, switch_prob: float = 0.5, rng=np.random):
+        if mixup_alpha < 0 or cutmix_alpha < 0:
+            raise AttrclfError(f"--mixup and --cutmix must be >= 0 (got {mixup_alpha}, {cutmix_alpha})")
+        self.mixup_alpha, self.cutmix_alpha, self.switch_prob, self.rng = mixup_alpha, cutmix_alpha, switch_prob, rng
+
+    def __call__(self, pixel_values, targets, mask):
+        """(B, C, H, W) pixels, (B, A) targets and mask -> the mixed batch, same shapes."""
+        use_cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha == 0 or self.rng.random() < self.switch_prob)
+        if use_cutmix:
+            lam = float(self.rng.beta(self.cutmix_alpha, self.cutmix_alpha))
+            box = cutmix_box(*pixel_values.shape[-2:], lam, self.rng)
+            return cutmix(pixel_values, targets, mask, box)[:3]
+        if self.mixup_alpha > 0:
+            return mixup(pixel_values, targets, mask, float(self.rng.beta(self.mixup_alpha, self.mixup_alpha)))
+        return pixel_values, targets, mask

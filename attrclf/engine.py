@@ -19,13 +19,18 @@ from tqdm.auto import tqdm
 
 from . import demo
 from .data import (
+    NA_POLICIES,
     AttrData,
+    BatchMixer,
+    apply_na_policy,
+    balanced_sample_weights,
     compute_pos_weight,
     eval_transform,
     label_counts,
     make_loader,
     prepare_data,
     train_transform,
+    training_counts,
 )
 from .errors import AttrclfError
 from .losses import LOSSES, build_loss
@@ -79,12 +84,29 @@ class TrainConfig:
     unfreeze_stages: str | None = _opt("backbone stages to unfreeze after the head epochs: a number (1 = the last, "
                                        "e.g. ResNet's layer4) or 'all' (default: 1 pretrained, all from scratch)")
     early_stop_patience: int = _opt("stop after this many epochs without a better validation mAP", 5)
-    loss: str = _opt("loss function", "bce", choices=sorted(LOSSES))
+    loss: str = _opt("loss over known labels: bce, asl (asymmetric loss) or focal", "bce", choices=sorted(LOSSES))
+    asl_gamma_neg: float = _opt("--loss asl: focusing exponent of negatives", 4.0)
+    asl_gamma_pos: float = _opt("--loss asl: focusing exponent of positives", 0.0)
+    asl_clip: float = _opt("--loss asl: probability margin; negatives with p below it give no loss", 0.05)
+    focal_gamma: float = _opt("--loss focal: focusing exponent", 2.0)
+    focal_alpha: float | None = _opt("--loss focal: weight of positives in [0, 1], negatives get 1 - alpha; "
+                                     "None weighs both 1")
+    na_policy: str = _opt("what the training loss does with NA labels: 'ignore' leaves them out, 'negative' counts "
+                          "them as absent (the common baseline, for comparison; pos_weight then counts them as "
+                          "negatives too). Validation metrics and threshold tuning always skip NA", "ignore",
+                          choices=list(NA_POLICIES))
     pos_weight_cap: float = _opt("upper bound of the per-attribute positive weight (negatives / positives)", 50.0)
     crop_scale: float = _opt("smallest area fraction of the random resized crop", 0.5)
     hflip: float = _opt("probability of a horizontal flip (0 when left/right matters)", 0.5)
     color_jitter: float = _opt("brightness/contrast/saturation jitter (hue never changes)", 0.3)
     random_erasing: float = _opt("probability of random erasing", 0.1)
+    mixup: float = _opt("mixup: Beta(alpha, alpha) of the blend weight, 0 = off; a mixed label is known only where "
+                        "both images' labels are known", 0.0)
+    cutmix: float = _opt("CutMix: Beta(alpha, alpha) of the kept area, 0 = off; with --mixup too, each batch uses "
+                         "one of the two (probability 0.5)", 0.0)
+    balanced_sampler: bool = _opt("draw training images with replacement, each weighted by its rarest KNOWN positive "
+                                  "attribute: weight = known / positives of that attribute (1 with no known positive), "
+                                  "capped at --pos-weight-cap", False)
     num_workers: int | None = _opt("DataLoader worker processes (default: one per spare CPU core, at most 4)")
     cpu_threads: int | None = _opt("torch threads per process on CPU (default: the cores divided among the processes; "
                                    "`accelerate launch` sets OMP_NUM_THREADS=1, which would leave cores idle)")
@@ -121,6 +143,19 @@ class TrainConfig:
             raise AttrclfError("--head-epochs must be >= 0 and --early-stop-patience >= 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise AttrclfError("--max-steps must be at least 1")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise AttrclfError(f"--mixup and --cutmix must be >= 0, 0 = off (got {self.mixup:g}, {self.cutmix:g})")
+        if self.na_policy not in NA_POLICIES:
+            raise AttrclfError(f"--na-policy must be one of {', '.join(NA_POLICIES)} (got '{self.na_policy}')")
+        build_loss(self.loss, **self.loss_options())  # the loss checks its own settings
+
+    def loss_options(self) -> dict:
+        """The --asl-* / --focal-* settings of the chosen loss, as keyword arguments of its class."""
+        if self.loss == "asl":
+            return {"gamma_neg": self.asl_gamma_neg, "gamma_pos": self.asl_gamma_pos, "clip": self.asl_clip}
+        if self.loss == "focal":
+            return {"gamma": self.focal_gamma, "alpha": self.focal_alpha}
+        return {}
 
     @property
     def unfreeze(self) -> int | str:
@@ -243,13 +278,26 @@ def progress(iterable, accelerator: Accelerator, description: str):
                 dynamic_ncols=True, mininterval=0.5 if interactive else 30)
 
 
+def training_batch(cfg: TrainConfig):
+    """(pixels, targets, mask) -> the same after --na-policy, then --mixup / --cutmix: training batches only."""
+    mixer = BatchMixer(cfg.mixup, cfg.cutmix) if cfg.mixup or cfg.cutmix else None
+
+    def prepare(pixel_values, targets, mask):
+        targets, mask = apply_na_policy(targets, mask, cfg.na_policy)
+        return mixer(pixel_values, targets, mask) if mixer else (pixel_values, targets, mask)
+
+    return prepare
+
+
 def train_one_epoch(model, loader, optimizer, loss_fn, accelerator, state: dict, cfg: TrainConfig, epoch: int):
     """One pass over the training loader; appends per-iteration losses to state["history"]. Returns the mean loss."""
     model.train()
+    prepare = training_batch(cfg)
     steps_per_epoch = len(loader)
     total, count = 0.0, 0
     bar = progress(loader, accelerator, f"epoch {epoch + 1}/{cfg.epochs} [{stage_at(epoch, cfg)}]")
     for pixel_values, targets, mask in bar:
+        pixel_values, targets, mask = prepare(pixel_values, targets, mask)
         factor = lr_factor(state["step"], steps_per_epoch, cfg)
         for group in optimizer.param_groups:
             group["lr"] = (cfg.lr if group["part"] == "head" else cfg.lr_finetune) * factor
@@ -311,13 +359,15 @@ class FitResult:
 
 def fit(model: AttrClassifier, data: AttrData, cfg: TrainConfig, accelerator: Accelerator) -> FitResult:
     """Two-stage training with early stopping on validation mAP; keeps the best epoch's weights."""
-    counts = label_counts(data.train["labels"], len(data.label_names))
+    counts = training_counts(data.train["labels"], len(data.label_names), cfg.na_policy)
     pos_weight, warnings = compute_pos_weight(counts, data.label_names, cfg.pos_weight_cap)
     for message in warnings:
         accelerator.print(f"warning: {message}")
-    loss_fn = build_loss(cfg.loss, pos_weight).to(accelerator.device)
+    loss_fn = build_loss(cfg.loss, pos_weight, **cfg.loss_options()).to(accelerator.device)
+    sample_weights = (balanced_sample_weights(data.train["labels"], len(data.label_names), cfg.pos_weight_cap)
+                      if cfg.balanced_sampler else None)
     train_loader = make_loader(data.train, train_transform(model.config, cfg.crop_scale, cfg.hflip, cfg.color_jitter,
-                               cfg.random_erasing), cfg.batch_size, True, cfg.num_workers, cfg.seed)
+                               cfg.random_erasing), cfg.batch_size, True, cfg.num_workers, cfg.seed, sample_weights)
     val_loader = make_loader(data.validation, eval_transform(model.config), cfg.batch_size, False, cfg.num_workers)
     model.set_trainable(0 if stage_at(0, cfg) == "head" else cfg.unfreeze)
     optimizer = make_optimizer(model, cfg)

@@ -1,10 +1,32 @@
-"""Losses over known labels only: NA entries (mask False) add nothing to the value or the gradients."""
+"""Losses over known labels only: NA entries (mask False) add nothing to the value or the gradients.
+
+Every loss takes (B, A) logits, (B, A) targets in [0, 1] (soft after mixup) and a (B, A) bool mask, True where the
+label is known, and returns the mean over the known entries. pos_weight (A,) multiplies the positive term of each
+attribute in every loss. ASL and focal loss already rebalance easy negatives, so with them you may want
+`--pos-weight-cap 1` (every pos_weight 1).
+"""
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import AttrclfError
+
+
+def known_only(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and targets with NA entries replaced by 0 before any arithmetic.
+
+    torch.where passes a zero gradient to the entries it does not select, without multiplying by them, so an inf or
+    NaN logit (or target) under NA cannot turn the gradient into NaN.
+    """
+    return (torch.where(mask, logits.float(), torch.zeros_like(logits, dtype=torch.float32)),
+            torch.where(mask, targets.float(), torch.zeros_like(targets, dtype=torch.float32)))
+
+
+def masked_mean(per_entry: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of (B, A) per-entry losses over the known entries; 0 when none is known."""
+    per_entry = torch.where(mask, per_entry, torch.zeros_like(per_entry))
+    return per_entry.sum() / mask.sum().clamp(min=1)
 
 
 class MaskedBCEWithLogits(nn.Module):
@@ -16,19 +38,104 @@ class MaskedBCEWithLogits(nn.Module):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """logits, targets (B, A); mask (B, A) bool, True where the label is known. Returns a scalar."""
-        per_entry = F.binary_cross_entropy_with_logits(
-            logits.float(), targets.float(), pos_weight=self.pos_weight, reduction="none"
-        )
-        # where(), not a multiplication: an NA entry must not pass even a NaN or inf to the gradient
-        per_entry = torch.where(mask, per_entry, torch.zeros_like(per_entry))
-        return per_entry.sum() / mask.sum().clamp(min=1)
+        logits, targets = known_only(logits, targets, mask)
+        per_entry = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=self.pos_weight, reduction="none")
+        return masked_mean(per_entry, mask)
 
 
-LOSSES = {"bce": MaskedBCEWithLogits}
+def _focusing(base: torch.Tensor, gamma: float, detach: bool) -> torch.Tensor | float:
+    """base ** gamma (1 when gamma is 0, so that no 0 * inf reaches the gradient); detached if asked."""
+    if gamma == 0:
+        return 1.0
+    # the floor keeps d(base^gamma)/d(base) finite for gamma < 1 where base is exactly 0
+    weight = base.clamp(min=1e-12).pow(gamma)
+    return weight.detach() if detach else weight
 
 
-def build_loss(name: str, pos_weight: torch.Tensor | None = None) -> nn.Module:
-    """The loss called `name` ("bce")."""
+class AsymmetricLoss(nn.Module):
+    """ASL (Ridnik et al., 2021): focal weights with separate exponents for positives and negatives, and a
+    probability margin `clip` that discards very easy negatives.
+
+    Per known entry, with p = sigmoid(logit), p_m = max(p - clip, 0) and target y in [0, 1]:
+        loss = -(pos_weight * y * (1 - p)^gamma_pos * log(p) + (1 - y) * p_m^gamma_neg * log(1 - p_m))
+    For hard targets this is the paper's loss; soft (mixed) targets weigh the two terms linearly. With both gammas 0
+    and clip 0 it equals masked BCE.
+
+    Args:
+        pos_weight: (A,) weight of the positive term per attribute, or None.
+        gamma_neg: Focusing exponent of negatives (paper: 4).
+        gamma_pos: Focusing exponent of positives (paper: 0).
+        clip: Probability margin on negatives (paper: 0.05).
+        detach_focal_weight: Treat the focusing weights as constants in the gradient, as the ASL repository's
+            training script does (`disable_torch_grad_focal_loss`); the default differentiates through them, as the
+            paper's gradient analysis does. Done with detach(), never with a global grad switch.
+    """
+
+    def __init__(self, pos_weight: torch.Tensor | None = None, gamma_neg: float = 4.0, gamma_pos: float = 0.0,
+                 clip: float = 0.05, detach_focal_weight: bool = False):
+        super().__init__()
+        if gamma_neg < 0 or gamma_pos < 0 or not 0 <= clip < 1:
+            raise AttrclfError(f"ASL needs gammas >= 0 and 0 <= clip < 1 (got gamma_neg={gamma_neg}, "
+                               f"gamma_pos={gamma_pos}, clip={clip})")
+        self.register_buffer("pos_weight", pos_weight.float() if pos_weight is not None else None)
+        self.gamma_neg, self.gamma_pos, self.clip = float(gamma_neg), float(gamma_pos), float(clip)
+        self.detach_focal_weight = detach_focal_weight
+
+    def terms(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A) positive and negative terms of the loss, each >= 0, before masking."""
+        log_p = F.logsigmoid(logits)
+        if self.clip > 0:
+            q_m = (torch.sigmoid(-logits) + self.clip).clamp(max=1.0)  # 1 - p_m, >= clip so its log is finite
+            log_q, p_m = torch.log(q_m), 1.0 - q_m
+        else:
+            log_q, p_m = F.logsigmoid(-logits), torch.sigmoid(logits)
+        positive = -targets * _focusing(torch.sigmoid(-logits), self.gamma_pos, self.detach_focal_weight) * log_p
+        negative = -(1 - targets) * _focusing(p_m, self.gamma_neg, self.detach_focal_weight) * log_q
+        if self.pos_weight is not None:
+            positive = positive * self.pos_weight
+        return positive, negative
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """logits, targets (B, A); mask (B, A) bool, True where the label is known. Returns a scalar."""
+        logits, targets = known_only(logits, targets, mask)
+        positive, negative = self.terms(logits, targets)
+        return masked_mean(positive + negative, mask)
+
+
+class FocalLoss(AsymmetricLoss):
+    """Focal loss (Lin et al., 2017) over known entries: ASL with gamma_pos = gamma_neg = gamma and no clip.
+
+    loss = -(alpha * pos_weight * y * (1 - p)^gamma * log(p) + (1 - alpha) * (1 - y) * p^gamma * log(1 - p)),
+    with alpha left out (both terms weighted 1) when it is None. With gamma 0 and no alpha it equals masked BCE.
+
+    Args:
+        pos_weight: (A,) weight of the positive term per attribute, or None.
+        gamma: Focusing exponent (paper: 2).
+        alpha: Weight of positives in [0, 1] (negatives get 1 - alpha), or None.
+        detach_focal_weight: As in AsymmetricLoss.
+    """
+
+    def __init__(self, pos_weight: torch.Tensor | None = None, gamma: float = 2.0, alpha: float | None = None,
+                 detach_focal_weight: bool = False):
+        if alpha is not None and not 0 <= alpha <= 1:
+            raise AttrclfError(f"focal loss alpha must be between 0 and 1 (got {alpha})")
+        super().__init__(pos_weight, gamma_neg=gamma, gamma_pos=gamma, clip=0.0,
+                         detach_focal_weight=detach_focal_weight)
+        self.alpha = alpha
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        logits, targets = known_only(logits, targets, mask)
+        positive, negative = self.terms(logits, targets)
+        if self.alpha is not None:
+            positive, negative = self.alpha * positive, (1 - self.alpha) * negative
+        return masked_mean(positive + negative, mask)
+
+
+LOSSES = {"bce": MaskedBCEWithLogits, "asl": AsymmetricLoss, "focal": FocalLoss}
+
+
+def build_loss(name: str, pos_weight: torch.Tensor | None = None, **options) -> nn.Module:
+    """The loss called `name` ("bce", "asl" or "focal"); `options` go to its constructor (e.g. gamma_neg, clip)."""
     if name not in LOSSES:
         raise AttrclfError(f"unknown loss '{name}'; choose one of: {', '.join(LOSSES)}")
-    return LOSSES[name](pos_weight=pos_weight)
+    return LOSSES[name](pos_weight=pos_weight, **options)

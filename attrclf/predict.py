@@ -1,6 +1,6 @@
 """Predictor: load a trained model (folder or Hub id), preprocess images, return per-attribute probabilities.
 
-CLI: python -m attrclf.predict --model outputs IMAGE [IMAGE|DIR ...] [--threshold T] [--format table|csv|json]
+CLI: python -m attrclf.predict --model outputs IMAGE [IMAGE|DIR ...] [--threshold T] [--format table|csv|json] [--tta]
 """
 
 import argparse
@@ -48,9 +48,12 @@ class Predictor:
     Args:
         model: A trained model (its config carries preprocessing, names and thresholds).
         device: Torch device to run on.
+        tta: Test-time augmentation: average the probabilities (not the logits) of each image and its horizontal
+            mirror. Doubles the compute; wrong for attributes where left and right differ.
     """
 
-    def __init__(self, model: AttrClassifier, device: str | torch.device = "cpu"):
+    def __init__(self, model: AttrClassifier, device: str | torch.device = "cpu", tta: bool = False):
+        self.tta = tta
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.config = model.config
@@ -58,7 +61,8 @@ class Predictor:
         self.transform = eval_transform(self.config)
 
     @classmethod
-    def from_pretrained(cls, model_id: str, revision: str | None = None, device: str | None = None, **kwargs):
+    def from_pretrained(cls, model_id: str, revision: str | None = None, device: str | None = None, tta: bool = False,
+                        **kwargs):
         """Load from a local folder or a Hub repo (strict, safetensors only)."""
         model_id = resolve_model_id(model_id)
         try:
@@ -67,7 +71,7 @@ class Predictor:
             raise
         except Exception as e:  # Hub unreachable, repo missing, revision missing
             raise AttrclfError(f"could not load model '{model_id}': {type(e).__name__}: {e}") from e
-        return cls(model, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return cls(model, device or ("cuda" if torch.cuda.is_available() else "cpu"), tta=tta)
 
     def preprocess(self, image) -> torch.Tensor:
         """Path, bytes or PIL image -> (C, H, W) normalised tensor."""
@@ -79,8 +83,16 @@ class Predictor:
         out = []
         for start in range(0, len(pixel_values), batch_size):
             batch = torch.stack(pixel_values[start : start + batch_size]).to(self.device)
-            out.append(torch.sigmoid(self.model(batch).float()).cpu().numpy())
+            out.append(self.batch_probs(batch).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.label_names)), dtype=np.float32)
+
+    @torch.no_grad()
+    def batch_probs(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) on the device -> (B, A) probabilities; with TTA, the mean of the image's and its mirror's."""
+        probs = torch.sigmoid(self.model(pixel_values).float())
+        if self.tta:
+            probs = (probs + torch.sigmoid(self.model(pixel_values.flip(-1)).float())) / 2
+        return probs
 
     def predict_probs(self, images: list, batch_size: int = 32) -> np.ndarray:
         """(N, A) probabilities for a list of images (paths, bytes or PIL images)."""
@@ -180,9 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=["table", "csv", "json"], default="table")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average the probabilities of each image and its horizontal "
+                             "mirror (twice the compute; not for attributes where left and right differ)")
     args = parser.parse_args(argv)
     try:
-        predictor = Predictor.from_pretrained(args.model, revision=args.revision, device=args.device)
+        predictor = Predictor.from_pretrained(args.model, revision=args.revision, device=args.device, tta=args.tta)
         predictor.thresholds(args.threshold)  # validate before any work
         results = predict_files(predictor, expand_inputs(args.inputs), args.threshold, args.batch_size)
     except AttrclfError as e:

@@ -91,3 +91,46 @@ def test_cli_missing_model_is_a_clear_error_without_traceback(tmp_path, images):
     assert result.returncode == 2
     assert "neither a model folder nor a Hub id" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- test-time augmentation
+
+
+@pytest.fixture
+def half_and_half(tmp_path):
+    image = Image.new("RGB", (40, 40), (220, 20, 20))
+    image.paste((20, 20, 220), (20, 0, 40, 40))  # right half blue: the mirror image differs
+    return image
+
+
+def test_tta_is_the_mean_of_the_probabilities_of_the_image_and_its_mirror(saved_model, half_and_half):
+    folder, model = saved_model
+    plain = Predictor.from_pretrained(str(folder), device="cpu")
+    tta = Predictor.from_pretrained(str(folder), device="cpu", tta=True)
+    x = eval_transform(model.config)(half_and_half)[None]
+    with torch.no_grad():
+        original, mirrored = torch.sigmoid(model(x))[0].numpy(), torch.sigmoid(model(x.flip(-1)))[0].numpy()
+    assert np.abs(original - mirrored).max() > 1e-4  # the flip matters for this model and image
+    probs = tta.predict_probs([half_and_half, half_and_half])
+    assert probs.shape == plain.predict_probs([half_and_half, half_and_half]).shape == (2, 3)
+    assert np.allclose(probs[0], (original + mirrored) / 2, atol=1e-6)
+    assert np.allclose(plain.predict_probs([half_and_half])[0], original, atol=1e-6)
+
+
+def test_tta_changes_nothing_on_a_mirror_symmetric_input(saved_model):
+    folder, _ = saved_model
+    pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    symmetric = list((pixel_values + pixel_values.flip(-1)) / 2)
+    plain = Predictor.from_pretrained(str(folder), device="cpu").probs_from_pixels(symmetric)
+    tta = Predictor.from_pretrained(str(folder), device="cpu", tta=True).probs_from_pixels(symmetric)
+    assert np.allclose(plain, tta, atol=1e-6)
+
+
+def test_cli_tta(saved_model, half_and_half, tmp_path, capsys):
+    half_and_half.save(tmp_path / "half.png")
+    assert main(["--model", str(saved_model[0]), str(tmp_path / "half.png"), "--format", "json", "--tta"]) == 0
+    result = json.loads(capsys.readouterr().out)[0]
+    expected = Predictor.from_pretrained(str(saved_model[0]), device="cpu", tta=True).predict(tmp_path / "half.png")
+    assert result["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-6)
+    assert main(["--model", str(saved_model[0]), str(tmp_path / "half.png"), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["probabilities"] != pytest.approx(result["probabilities"], abs=1e-5)

@@ -1,0 +1,206 @@
+"""Training-only batch changes: --na-policy, mixup / CutMix, the balanced sampler."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from accelerate.data_loader import prepare_data_loader
+from datasets import Dataset
+
+from attrclf.data import (
+    BatchMixer,
+    apply_na_policy,
+    balanced_sample_weights,
+    compute_pos_weight,
+    cutmix,
+    cutmix_box,
+    make_loader,
+    mixup,
+    training_counts,
+)
+from attrclf.engine import TrainConfig, training_batch
+from attrclf.errors import AttrclfError
+
+from .conftest import write_labels_dataset
+from .test_train import TINY, run_train
+
+
+def hand_batch():
+    """3 images, each one constant value (0, 10, 20), 4x4 pixels; 2 attributes with some NA."""
+    pixel_values = torch.stack([torch.full((3, 4, 4), v) for v in (0.0, 10.0, 20.0)])
+    targets = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]])
+    mask = torch.tensor([[True, True], [True, False], [False, True]])
+    return pixel_values, targets, mask
+
+
+# ---------------------------------------------------------------- --na-policy
+
+
+def test_na_policy_ignore_keeps_the_mask_and_negative_makes_na_a_known_zero():
+    targets = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [False, True, True]])
+    same_targets, same_mask = apply_na_policy(targets, mask, "ignore")
+    assert torch.equal(same_targets, targets) and torch.equal(same_mask, mask)
+    negative_targets, negative_mask = apply_na_policy(targets, mask, "negative")
+    assert torch.equal(negative_targets, torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    assert negative_mask.all()
+    with pytest.raises(AttrclfError, match="--na-policy"):
+        apply_na_policy(targets, mask, "positive")
+
+
+def test_na_policy_negative_counts_na_as_negative_for_pos_weight():
+    labels = [[1, None], [0, None], [None, 1], [None, 0]]
+    ignore = training_counts(labels, 2, "ignore")
+    negative = training_counts(labels, 2, "negative")
+    assert ignore["negative"] == [1, 1] and ignore["na"] == [2, 2]
+    assert negative["positive"] == [1, 1] and negative["negative"] == [3, 3] and negative["na"] == [0, 0]
+    assert compute_pos_weight(negative, ["a", "b"])[0].tolist() == [3.0, 3.0]
+    assert compute_pos_weight(ignore, ["a", "b"])[0].tolist() == [1.0, 1.0]
+
+
+# ---------------------------------------------------------------- mixup / CutMix
+
+
+def test_mixup_blends_each_image_with_its_mirror_and_keeps_only_entries_known_in_both():
+    pixel_values, targets, mask = hand_batch()
+    mixed, mixed_targets, mixed_mask = mixup(pixel_values, targets, mask, 0.7)
+    # image i pairs with image 2 - i; the middle one pairs with itself
+    assert torch.allclose(mixed[:, 0, 0, 0], torch.tensor([0.7 * 0 + 0.3 * 20, 10.0, 0.7 * 20 + 0.3 * 0]))
+    assert torch.allclose(mixed_targets, torch.tensor([[0.7, 0.3], [0.0, 0.0], [0.3, 0.7]]))
+    assert torch.equal(mixed_mask, torch.tensor([[False, True], [True, False], [False, True]]))
+
+
+def test_mixup_with_lam_one_is_the_identity():
+    pixel_values, targets, mask = hand_batch()
+    mixed, mixed_targets, mixed_mask = mixup(pixel_values, targets, mask, 1.0)
+    assert torch.equal(mixed, pixel_values) and torch.equal(mixed_targets, targets) and torch.equal(mixed_mask, mask)
+
+
+def test_cutmix_pastes_the_partner_into_the_box_and_takes_lam_from_its_area():
+    pixel_values, targets, mask = hand_batch()
+    mixed, mixed_targets, mixed_mask, lam = cutmix(pixel_values, targets, mask, (1, 3, 0, 2))  # a 2x2 box of 16 px
+    assert lam == 1 - 4 / 16
+    expected = pixel_values.clone()
+    expected[0, :, 1:3, 0:2], expected[2, :, 1:3, 0:2] = 20.0, 0.0
+    assert torch.equal(mixed, expected)
+    assert torch.allclose(mixed_targets, torch.tensor([[0.75, 0.25], [0.0, 0.0], [0.25, 0.75]]))
+    assert torch.equal(mixed_mask, torch.tensor([[False, True], [True, False], [False, True]]))
+    _, _, same_mask, lam_one = cutmix(pixel_values, targets, mask, (2, 2, 0, 4))  # empty box
+    assert lam_one == 1.0 and torch.equal(same_mask, mask)
+
+
+class FixedCentre:
+    """Stands in for numpy's generator: the box centre is always (cy, cx)."""
+
+    def __init__(self, cy, cx):
+        self.centre = [cy, cx]
+
+    def randint(self, low, high):
+        return self.centre.pop(0)
+
+
+def test_cutmix_box_size_and_clipping():
+    # lam 0.75: side sqrt(0.25) * 10 = 5, half-sides truncate to 2 like timm's rand_bbox
+    assert cutmix_box(10, 10, 0.75, FixedCentre(5, 5)) == (3, 7, 3, 7)
+    assert cutmix_box(10, 10, 0.75, FixedCentre(0, 9)) == (0, 2, 7, 10)  # clipped at the edges
+    assert cutmix_box(10, 10, 1.0, FixedCentre(5, 5)) == (5, 5, 5, 5)  # lam 1: empty
+
+
+def test_batch_mixer_with_both_picks_each_about_half_the_time():
+    pixel_values, targets, mask = hand_batch()
+    mixer = BatchMixer(mixup_alpha=0.4, cutmix_alpha=1.0, rng=np.random.RandomState(0))
+    kinds = []
+    for _ in range(200):
+        mixed, _, _ = mixer(pixel_values, targets, mask)
+        # CutMix leaves image 0 made of only 0 and 20; mixup gives values strictly between them everywhere
+        kinds.append("cutmix" if set(mixed[0].unique().tolist()) <= {0.0, 20.0} else "mixup")
+    assert 70 <= kinds.count("cutmix") <= 130
+    off = BatchMixer(0.0, 0.0)(pixel_values, targets, mask)
+    assert all(torch.equal(a, b) for a, b in zip(off, (pixel_values, targets, mask)))
+
+
+def test_training_batch_applies_na_policy_before_mixing():
+    pixel_values, targets, mask = hand_batch()
+    cfg = TrainConfig(na_policy="negative", mixup=0.4)
+    np.random.seed(0)
+    _, mixed_targets, mixed_mask = training_batch(cfg)(pixel_values, targets, mask)
+    assert mixed_mask.all()  # every entry known after "negative", so every mixed entry is known
+    lam = mixed_targets[0, 0].item()  # image 0: lam * 1 + (1 - lam) * 0
+    assert 0 < lam < 1 and torch.allclose(mixed_targets, torch.tensor([[lam, 1 - lam], [0, 0], [1 - lam, lam]]))
+
+
+def test_bad_mixing_and_policy_flags_are_clear_errors():
+    with pytest.raises(AttrclfError, match="--mixup and --cutmix"):
+        TrainConfig(mixup=-1).resolve()
+    with pytest.raises(AttrclfError, match="--na-policy"):
+        TrainConfig(na_policy="maybe").resolve()
+    with pytest.raises(AttrclfError, match="clip"):
+        TrainConfig(loss="asl", asl_clip=2.0).resolve()
+
+
+# ---------------------------------------------------------------- balanced sampler
+
+
+def test_balanced_weights_come_from_the_rarest_known_positive():
+    # attribute a: 1 positive of 4 known (weight 4); b: 2 of 3 known (1.5); NA never counts
+    labels = [[1, 1], [0, 1], [0, None], [0, 0], [None, None]]
+    assert balanced_sample_weights(labels, 2) == [4.0, 1.5, 1.0, 1.0, 1.0]
+    assert balanced_sample_weights(labels, 2, cap=2.0) == [2.0, 1.5, 1.0, 1.0, 1.0]
+
+
+def rare_dataset(n=100, rare=10):
+    """n rows; the first `rare` are positive for a rare attribute (1 in 10), the rest have no positive."""
+    labels = [[1, 0] if i < rare else [0, None] for i in range(n)]
+    return Dataset.from_dict({"image": [None] * n, "labels": labels})
+
+
+def test_balanced_sampler_draws_rare_positives_more_often():
+    ds = rare_dataset()
+    weights = balanced_sample_weights(ds["labels"], 2)
+    assert weights[:10] == [10.0] * 10 and weights[10:] == [1.0] * 90
+    loader = make_loader(ds, None, 10, True, seed=3, sample_weights=weights)
+    draws = np.concatenate([list(loader.sampler) for _ in range(20)])  # 2000 draws
+    # expected share of the rare images: 10 * 10 / (10 * 10 + 90 * 1) = 0.526 (binomial sd 0.011); shuffling: 0.1
+    assert len(draws) == 2000 and 0.47 < np.mean(draws < 10) < 0.58
+    again = make_loader(ds, None, 10, True, seed=3, sample_weights=weights)
+    assert list(again.sampler) == list(draws[:100])  # seeded
+
+
+def test_balanced_sampler_is_sharded_by_accelerate_without_overlap():
+    ds = rare_dataset()
+    weights = balanced_sample_weights(ds["labels"], 2)
+    whole = list(make_loader(ds, None, 10, True, seed=5, sample_weights=weights).batch_sampler)
+    ranks = [list(prepare_data_loader(make_loader(ds, None, 10, True, seed=5, sample_weights=weights),
+                                      num_processes=2, process_index=rank).batch_sampler) for rank in (0, 1)]
+    # each process gets every other batch of the same draw: together exactly the one-process epoch
+    assert len(ranks[0]) == len(ranks[1]) == 5
+    assert [batch for pair in zip(*ranks) for batch in pair] == whole
+
+
+# ---------------------------------------------------------------- from the command line
+
+
+def test_training_options_from_accelerate_launch(tmp_path):
+    # attribute "rare": 1 in 6 positive; "patchy": NA on every third image
+    lines = ["img rare patchy"] + [f"i{n:02d}.png {int(n % 6 == 0)} {'NA' if n % 3 == 0 else n % 2}" for n in range(48)]
+    data = write_labels_dataset(tmp_path / "d", lines)
+    out = tmp_path / "o"
+    result = run_train(["--data", str(data), "--no-pretrained", *TINY, "--epochs", "2", "--loss", "asl",
+                        "--asl-gamma-neg", "2", "--na-policy", "negative", "--mixup", "0.4", "--cutmix", "1.0",
+                        "--balanced-sampler", "--output-dir", str(out)], tmp_path, launcher=("accelerate",))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    saved = json.loads((out / "train_config.json").read_text())
+    assert {k: saved[k] for k in ("loss", "asl_gamma_neg", "na_policy", "mixup", "cutmix", "balanced_sampler")} == {
+        "loss": "asl", "asl_gamma_neg": 2.0, "na_policy": "negative", "mixup": 0.4, "cutmix": 1.0,
+        "balanced_sampler": True}
+    metrics = json.loads((out / "metrics.json").read_text())
+    train = metrics["data"]["train_counts"]["patchy"]
+    # --na-policy negative: pos_weight counts NA as negatives ...
+    assert metrics["pos_weight"]["patchy"] == pytest.approx((train["negative"] + train["na"]) / train["positive"],
+                                                            abs=1e-4)
+    # ... but validation metrics still skip NA
+    validation = metrics["data"]["validation_counts"]["patchy"]
+    row = metrics["validation"]["per_attribute"]["patchy"]
+    assert validation["na"] > 0 and (row["positives"], row["negatives"], row["na"]) == (
+        validation["positive"], validation["negative"], validation["na"])
