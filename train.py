@@ -4,29 +4,23 @@ Wiring only: every step is an attrclf function.
 """
 
 import sys
-from pathlib import Path
 
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 
 from attrclf.engine import (
     TrainConfig,
-    build_model,
     configure_threads,
-    finalize,
-    fit,
+    cross_validate,
     load_training_data,
     parse_args,
-    summary_table,
-    write_outputs,
+    train_and_save,
 )
 from attrclf.errors import AttrclfError
 
 
 def training_function(cfg: TrainConfig) -> dict:
     accelerator = Accelerator()
-    set_seed(cfg.seed)
-    threads = configure_threads(cfg, accelerator)
+    configure_threads(cfg, accelerator)
     data = load_training_data(cfg, accelerator)
     accelerator.print(
         f"data: {data.source}: {len(data.train)} train / {len(data.validation)} validation images, "
@@ -36,22 +30,9 @@ def training_function(cfg: TrainConfig) -> dict:
         accelerator.print(f"  skipped {item['image']}: {item['reason']}")
     for message in data.warnings:
         accelerator.print(f"warning: {message}")
-    model = build_model(cfg, data.label_names)
-    accelerator.print(
-        f"model: {cfg.backbone} ({'pretrained' if cfg.pretrained else 'from scratch'}), input "
-        f"{model.config.input_size[1]}px; stages: head {cfg.head_epochs} epoch(s), then unfreeze "
-        f"{cfg.unfreeze_stages}; device {accelerator.device}, {accelerator.num_processes} process(es), "
-        f"{threads} thread(s) each"
-    )
-    result = fit(model, data, cfg, accelerator)
-    model = accelerator.unwrap_model(model)
-    metrics = finalize(model, result, data, cfg)
-    if accelerator.is_main_process:
-        written = write_outputs(model, metrics, result, cfg, Path(cfg.output_dir))
-        accelerator.print(summary_table(metrics))
-        accelerator.print(f"saved to {cfg.output_dir}/: {', '.join(written)}")
-    accelerator.wait_for_everyone()
-    return metrics
+    if cfg.folds:
+        return cross_validate(cfg, data, accelerator)
+    return train_and_save(cfg, data, accelerator)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,6 +7,8 @@ a `save_to_disk` folder, or a Hub dataset id.
 """
 
 import csv
+import functools
+import hashlib
 import io
 import json
 import math
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import Dataset, DatasetDict, Features, List, Value
+from datasets import Dataset, DatasetDict, Features, List, Value, concatenate_datasets
 from datasets import Image as ImageFeature
 from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import create_transform
@@ -424,7 +426,7 @@ def normalise_hf_split(ds: Dataset, where: str, label_columns, group_column):
     labels = [
         [_parse_or_raise(table[name][i], f"{where} row {i}", name) for name in names] for i in range(len(ds))
     ]
-    groups = ds[group_column] if group_column else [str(i) for i in range(len(ds))]
+    groups = ds[group_column] if group_column else [f"{where}#{i}" for i in range(len(ds))]  # unique across splits
     image_names = ds["image_name"] if "image_name" in ds.column_names else [f"{where}#{i}" for i in range(len(ds))]
     images = ds.cast_column(image_column, ImageFeature(decode=False))[image_column]
     out = Dataset.from_dict(
@@ -519,6 +521,48 @@ def split_by_group(ds: Dataset, val_fraction: float, seed: int) -> tuple[Dataset
             f"(--val-fraction {val_fraction}); add images or provide a validation split"
         )
     return ds.select(np.flatnonzero(~val_rows)), ds.select(np.flatnonzero(val_rows))
+
+
+def data_fingerprint(data: AttrData) -> str:
+    """sha256 of what a training run saw: label names, the split description, and each split's images and labels.
+
+    A checkpoint stores it, so that a run is never resumed on other data.
+    """
+    content = {"label_names": data.label_names, "split": data.split,
+               **{name: [list(ds["image_name"]), list(ds["labels"])] for name, ds in
+                  (("train", data.train), ("validation", data.validation))}}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def fold_of_rows(groups: list[str], folds: int, seed: int) -> np.ndarray:
+    """Fold index (0..folds-1) of every row; rows of a group share a fold; fold sizes as even as the groups allow.
+
+    Groups are shuffled (seeded), then taken largest first, each into the fold that holds the fewest rows so far.
+    """
+    unique, inverse, sizes = np.unique(np.asarray(groups), return_inverse=True, return_counts=True)
+    if folds < 2 or folds > len(unique):
+        raise AttrclfError(f"--folds {folds}: need at least 2 folds and at most one per group "
+                           f"({len(unique)} groups in {len(groups)} images)")
+    order = np.random.default_rng(seed).permutation(len(unique))
+    order = order[np.argsort(-sizes[order], kind="stable")]
+    fold_of_group, rows_in_fold = np.zeros(len(unique), dtype=int), np.zeros(folds, dtype=int)
+    for g in order:
+        fold = int(np.argmin(rows_in_fold))
+        fold_of_group[g] = fold
+        rows_in_fold[fold] += sizes[g]
+    return fold_of_group[inverse]
+
+
+def make_folds(data: AttrData, folds: int, seed: int) -> list[AttrData]:
+    """K-fold cross-validation: all images (train and validation pooled), fold k validates the model trained on the rest."""
+    pool = concatenate_datasets([data.train, data.validation])
+    fold = fold_of_rows(pool["group"], folds, seed)
+    out = []
+    for k in range(folds):
+        split = f"fold {k + 1} of {folds} (grouped k-fold over {len(pool)} images, seed={seed})"
+        out.append(AttrData(pool.select(np.flatnonzero(fold != k)), pool.select(np.flatnonzero(fold == k)),
+                            data.label_names, data.source, split, data.skipped, data.warnings))
+    return out
 
 
 def prepare_data(
@@ -627,30 +671,62 @@ def train_transform(
     )
 
 
+class DecodeFailures:
+    """How often each image of a split failed to decode during training (it passed the pre-check, then broke).
+
+    The counts live in shared memory, so DataLoader worker processes add to the same table the training loop reads.
+    """
+
+    def __init__(self, image_names: list[str]):
+        self.image_names = list(image_names)
+        self.row = {name: i for i, name in enumerate(self.image_names)}
+        self.counts = torch.zeros(len(self.image_names), dtype=torch.int32).share_memory_()
+
+    def add(self, image_name: str) -> None:
+        self.counts[self.row[image_name]] += 1
+
+    def take(self) -> list[str]:
+        """Names of the images that failed since the last call (each once), and start counting afresh."""
+        failed = [self.image_names[i] for i in torch.nonzero(self.counts).flatten().tolist()]
+        self.counts.zero_()
+        return failed
+
+
 class BatchTransform:
     """`Dataset.with_transform` function: decode each image (None when it fails) and apply `transform`."""
 
-    def __init__(self, transform):
+    def __init__(self, transform, failures: DecodeFailures | None = None):
         self.transform = transform
+        self.failures = failures
 
     def __call__(self, batch: dict) -> dict:
         pixel_values = []
-        for source in batch["image"]:
+        for i, source in enumerate(batch["image"]):
             try:
                 pixel_values.append(self.transform(load_image(source)))
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
                 pixel_values.append(None)
+                if self.failures is not None:
+                    self.failures.add(batch["image_name"][i])
         return {"pixel_values": pixel_values, "labels": batch["labels"]}
 
 
-def collate(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate(items: list[dict], keep_failed: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Items -> (pixel_values (B, C, H, W), targets (B, A) float with NA as 0, mask (B, A) bool, True = known).
 
-    Items whose image failed to decode are dropped.
+    Items whose image failed to decode are dropped, or with `keep_failed` kept as a blank image whose labels are all
+    NA: evaluation keeps every batch at its size, so that `gather_for_metrics` can drop the padding of the last batch
+    across processes by position, and a failed image still adds nothing to a loss or a metric.
     """
-    items = [item for item in items if item["pixel_values"] is not None]
-    if not items:
+    good = [item for item in items if item["pixel_values"] is not None]
+    if not good:
         raise AttrclfError("every image in a batch failed to decode")
+    if keep_failed:
+        blank = torch.zeros_like(good[0]["pixel_values"])
+        items = [item if item["pixel_values"] is not None else
+                 {"pixel_values": blank, "labels": [None] * len(item["labels"])} for item in items]
+    else:
+        items = good
     pixel_values = torch.stack([item["pixel_values"] for item in items])
     labels = [item["labels"] for item in items]
     mask = torch.tensor([[v is not None for v in row] for row in labels], dtype=torch.bool)
@@ -666,6 +742,7 @@ def make_loader(
     num_workers: int = 0,
     seed: int = 0,
     sample_weights: list[float] | None = None,
+    failures: DecodeFailures | None = None,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader of `collate` batches; training loaders drop a ragged last batch (BatchNorm needs >= 2).
 
@@ -673,6 +750,10 @@ def make_loader(
     rows with replacement per epoch instead of shuffling. Accelerate shards it correctly over processes: every
     process draws the same sequence (it synchronises the sampler's generator from process 0 at each epoch) and keeps
     its own share of the batches.
+
+    Evaluation loaders (no shuffle) keep images that fail to decode as NA placeholders (see `collate`). Workers are
+    started afresh each epoch (not persistent) so that their random streams come from the loader's generator, which
+    training re-seeds every epoch: a resumed epoch draws the same augmentations as an uninterrupted one.
     """
     drop_last = shuffle and len(ds) > batch_size
     generator = torch.Generator().manual_seed(seed)
@@ -680,14 +761,13 @@ def make_loader(
     if sample_weights is not None:
         sampler = torch.utils.data.WeightedRandomSampler(sample_weights, len(ds), replacement=True, generator=generator)
     return torch.utils.data.DataLoader(
-        ds.with_transform(BatchTransform(transform)),
+        ds.with_transform(BatchTransform(transform, failures)),
         batch_size=batch_size,
         shuffle=shuffle and sampler is None,
         sampler=sampler,
         drop_last=drop_last,
         num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        collate_fn=collate,
+        collate_fn=collate if shuffle else functools.partial(collate, keep_failed=True),
         generator=generator,
     )
 

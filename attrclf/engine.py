@@ -5,16 +5,21 @@ import copy
 import json
 import math
 import os
+import re
+import shutil
 import sys
 import tempfile
 import time
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
+import safetensors.numpy
+import safetensors.torch
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from . import demo
@@ -22,11 +27,14 @@ from .data import (
     NA_POLICIES,
     AttrData,
     BatchMixer,
+    DecodeFailures,
     apply_na_policy,
     balanced_sample_weights,
     compute_pos_weight,
+    data_fingerprint,
     eval_transform,
     label_counts,
+    make_folds,
     make_loader,
     prepare_data,
     train_transform,
@@ -41,6 +49,15 @@ from .plots import plot_loss_curves
 # Defaults of flags left unset: (with --data, for the demo). The demo trains from scratch on small images, so it
 # takes bigger batches and a higher learning rate to finish in a few minutes on a CPU.
 AUTO_DEFAULTS = {"image_size": (None, 48), "epochs": (30, 10), "batch_size": (32, 64), "lr": (2e-3, 3e-3)}
+
+LATEST = "latest"  # --resume without a path
+CHECKPOINTS = "checkpoints"  # OUTPUT/checkpoints/epoch_NNNN
+STATE_FILE = "training_state.json"
+BEST_WEIGHTS = "best_model.safetensors"
+BEST_PREDICTIONS = "best_validation.safetensors"
+CV_FIGURES = ("mAP", "f1_macro_at_0.5", "f1_macro_tuned_crossfit")
+# settings that may change on --resume without a warning: they do not change what the run computes
+RESUME_FREE = {"resume", "output_dir", "keep_checkpoints", "num_workers", "cpu_threads", "epochs", "max_steps"}
 
 
 def _opt(help_text: str, default=None, **extra):
@@ -113,6 +130,12 @@ class TrainConfig:
     seed: int = _opt("random seed (split, initialisation, augmentation, order)", 42)
     max_steps: int | None = _opt("stop after this many optimiser steps (smoke runs)")
     output_dir: str = _opt("where the model and reports are written", "outputs")
+    keep_checkpoints: int = _opt("full training-state checkpoints kept in OUTPUT/checkpoints, one written after each "
+                                 "epoch (the last K stay; 0 = none); removed once the run has written its outputs", 2)
+    resume: str | None = _opt("continue an interrupted run from the latest checkpoint in OUTPUT/checkpoints, or from "
+                              "the checkpoint folder PATH", nargs="?", const=LATEST, metavar="PATH")
+    folds: int | None = _opt("k-fold cross-validation: K models, fold k validating the one trained on the other "
+                             "folds (grouped by --group-column); writes OUTPUT/fold_1..fold_K and OUTPUT/cv_summary.json")
 
     def resolve(self) -> "TrainConfig":
         """A copy with every automatic default decided and the values checked."""
@@ -147,6 +170,13 @@ class TrainConfig:
             raise AttrclfError(f"--mixup and --cutmix must be >= 0, 0 = off (got {self.mixup:g}, {self.cutmix:g})")
         if self.na_policy not in NA_POLICIES:
             raise AttrclfError(f"--na-policy must be one of {', '.join(NA_POLICIES)} (got '{self.na_policy}')")
+        if self.keep_checkpoints < 0:
+            raise AttrclfError("--keep-checkpoints must be 0 (no checkpoints) or more")
+        if self.folds is not None and self.folds < 2:
+            raise AttrclfError(f"--folds must be at least 2 (got {self.folds})")
+        if self.folds and self.resume not in (None, LATEST):
+            raise AttrclfError("--resume PATH cannot be combined with --folds: use --resume alone, it finds each "
+                               "fold's latest checkpoint")
         build_loss(self.loss, **self.loss_options())  # the loss checks its own settings
 
     def loss_options(self) -> dict:
@@ -178,8 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         options = {"help": f.metadata["help"], "default": None if f.default is MISSING else f.default}
-        if "choices" in f.metadata:
-            options["choices"] = f.metadata["choices"]
+        options.update({k: f.metadata[k] for k in ("choices", "nargs", "const", "metavar") if k in f.metadata})
         if bool in typing.get_args(kind) or kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
         elif typing.get_origin(kind) is list or list[str] in typing.get_args(kind):
@@ -355,10 +384,38 @@ class FitResult:
     stopped_early: bool
     seconds: float
     pos_weight: list[float]
+    decode_failures: dict[str, int] = field(default_factory=dict)
+    world_size: int = 1
+    mixed_precision: str = "no"
+    resumed_from: str | None = None
 
 
-def fit(model: AttrClassifier, data: AttrData, cfg: TrainConfig, accelerator: Accelerator) -> FitResult:
-    """Two-stage training with early stopping on validation mAP; keeps the best epoch's weights."""
+@dataclass
+class TrainingParts:
+    """One run's pieces before `accelerator.prepare` wraps them; `failures` count images that break mid-training."""
+
+    model: AttrClassifier
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    failures: tuple[DecodeFailures, DecodeFailures]
+    pos_weight: torch.Tensor
+
+
+@dataclass
+class Prepared:
+    """The parts as `accelerator.prepare` wrapped them for one stage."""
+
+    stage: str
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+
+
+def setup_training(model: AttrClassifier, data: AttrData, cfg: TrainConfig, accelerator: Accelerator) -> TrainingParts:
+    """Loss with the training split's pos_weight (the same on every process: the split is seeded), loaders, optimizer."""
     counts = training_counts(data.train["labels"], len(data.label_names), cfg.na_policy)
     pos_weight, warnings = compute_pos_weight(counts, data.label_names, cfg.pos_weight_cap)
     for message in warnings:
@@ -366,66 +423,245 @@ def fit(model: AttrClassifier, data: AttrData, cfg: TrainConfig, accelerator: Ac
     loss_fn = build_loss(cfg.loss, pos_weight, **cfg.loss_options()).to(accelerator.device)
     sample_weights = (balanced_sample_weights(data.train["labels"], len(data.label_names), cfg.pos_weight_cap)
                       if cfg.balanced_sampler else None)
+    failures = (DecodeFailures(data.train["image_name"]), DecodeFailures(data.validation["image_name"]))
     train_loader = make_loader(data.train, train_transform(model.config, cfg.crop_scale, cfg.hflip, cfg.color_jitter,
-                               cfg.random_erasing), cfg.batch_size, True, cfg.num_workers, cfg.seed, sample_weights)
-    val_loader = make_loader(data.validation, eval_transform(model.config), cfg.batch_size, False, cfg.num_workers)
-    model.set_trainable(0 if stage_at(0, cfg) == "head" else cfg.unfreeze)
-    optimizer = make_optimizer(model, cfg)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+                               cfg.random_erasing), cfg.batch_size, True, cfg.num_workers, cfg.seed,
+                               sample_weights, failures[0])
+    val_loader = make_loader(data.validation, eval_transform(model.config), cfg.batch_size, False, cfg.num_workers,
+                             failures=failures[1])
+    return TrainingParts(model, loss_fn, make_optimizer(model, cfg), train_loader, val_loader, failures, pos_weight)
 
-    state = {"step": 0, "history": {"iterations": {"step": [], "epoch": [], "loss": []},
-                                    "epochs": {k: [] for k in ("epoch", "stage", "train_loss", "val_loss", "val_mAP",
-                                                               "lr_head", "lr_backbone", "seconds")}}}
-    best, since_best, start = None, 0, time.time()
-    epoch = 0
-    for epoch in range(cfg.epochs):
+
+def prepare_stage(accelerator: Accelerator, parts: TrainingParts, cfg: TrainConfig, stage: str,
+                  prepared: Prepared | None = None) -> Prepared:
+    """Make the stage's parameters trainable, then wrap the parts with `accelerator.prepare` (again).
+
+    DistributedDataParallel registers only the parameters that require grad when it wraps the model: a parameter
+    unfrozen later would train on each process's own gradients, unsynchronised, and the processes would drift apart.
+    So a stage switch releases the old wrappers and prepares afresh. One process has no wrapper to renew.
+    The accelerator is emptied first: its `save_state` must hold this run's parts and nothing else.
+    """
+    parts.model.set_trainable(0 if stage == "head" else cfg.unfreeze)
+    if prepared is not None and prepared.model is parts.model:
+        return replace(prepared, stage=stage)
+    if prepared is not None:
+        accelerator.unwrap_model(prepared.model, keep_fp32_wrapper=False)  # prepare adds the autocast wrapper again
+    accelerator.free_memory()
+    return Prepared(stage, *accelerator.prepare(parts.model, parts.optimizer, parts.train_loader, parts.val_loader))
+
+
+def seed_epoch(cfg: TrainConfig, epoch: int, accelerator: Accelerator, parts: TrainingParts) -> None:
+    """Seeds from (--seed, epoch): a resumed epoch shuffles, augments and drops out exactly like an uninterrupted one.
+
+    The loader's generator (sample order, worker seeds) gets the same seed on every process; the global generators
+    (augmentation without workers, dropout) get it plus the process index.
+    """
+    seed = int(np.random.SeedSequence([cfg.seed, epoch]).generate_state(1)[0]) % 2**31
+    parts.train_loader.generator.manual_seed(seed)
+    set_seed(seed, device_specific=True)
+
+
+def new_run_state() -> dict:
+    """The loop's state, everything a checkpoint needs besides tensors; JSON-serialisable."""
+    epoch_columns = ("epoch", "stage", "train_loss", "val_loss", "val_mAP", "lr_head", "lr_backbone", "seconds",
+                     "bad_images")
+    return {"epoch": 0, "step": 0, "since_best": 0, "stop": None, "seconds": 0.0, "decode_failures": {},
+            "history": {"iterations": {"step": [], "epoch": [], "loss": []}, "epochs": {k: [] for k in epoch_columns}}}
+
+
+def fit(model: AttrClassifier, data: AttrData, cfg: TrainConfig, accelerator: Accelerator,
+        resume_from: Path | None = None) -> FitResult:
+    """Two-stage training with early stopping on validation mAP; keeps the best epoch's weights.
+
+    After every epoch the whole training state goes to OUTPUT/checkpoints (see `save_checkpoint`); `resume_from`, one
+    of those checkpoints, continues the run exactly where it stopped.
+    """
+    parts = setup_training(model, data, cfg, accelerator)
+    fingerprint = data_fingerprint(data)
+    run, best = new_run_state(), None
+    if resume_from is not None:
+        run, best = read_checkpoint(resume_from, fingerprint, cfg, accelerator)
+    prepared = prepare_stage(accelerator, parts, cfg, stage_at(run["epoch"], cfg))
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        accelerator.print(f"resumed from {resume_from}: {run['epoch']} epoch(s) and {run['step']} step(s) done")
+    while run["epoch"] < cfg.epochs and run["stop"] is None:
+        epoch = run["epoch"]
         stage = stage_at(epoch, cfg)
         if epoch > 0 and stage != stage_at(epoch - 1, cfg):
-            accelerator.unwrap_model(model).set_trainable(cfg.unfreeze)
-            since_best = 0  # the new stage gets its own patience
+            run["since_best"] = 0  # the new stage gets its own patience
             accelerator.print(f"stage 2: unfreezing the last {cfg.unfreeze_stages} backbone stage(s) at lr {cfg.lr_finetune:g}")
-        epoch_start = time.time()
-        train_loss = train_one_epoch(model, train_loader, optimizer, loss_fn, accelerator, state, cfg, epoch)
-        val_loss, probs, targets, mask = evaluate(model, val_loader, loss_fn, accelerator)
-        val_map = evaluate_predictions(probs, targets, mask, data.label_names, [0.5] * len(data.label_names))["mAP"]
-        score = val_map if val_map is not None else -val_loss
-        improved = best is None or score > best["score"] + 1e-6
-        _record_epoch(state["history"], epoch, stage, train_loss, val_loss, val_map, optimizer, time.time() - epoch_start)
-        accelerator.print(
-            f"epoch {epoch + 1}/{cfg.epochs} [{stage}] train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
-            f"val_mAP {_fmt(val_map)}  ({time.time() - epoch_start:.0f}s){'  * best' if improved else ''}"
-        )
-        if improved:
-            state_dict = accelerator.unwrap_model(model).state_dict()
-            best = {"score": score, "epoch": epoch + 1, "state": {k: v.detach().cpu().clone() for k, v in state_dict.items()},
-                    "probs": probs, "targets": targets, "mask": mask, "val_loss": val_loss}
-            since_best = 0
-        else:
-            since_best += 1
-        if cfg.max_steps and state["step"] >= cfg.max_steps:
-            accelerator.print(f"reached --max-steps {cfg.max_steps}")
-            break
-        if since_best >= cfg.early_stop_patience and stage == stage_at(cfg.epochs - 1, cfg):
-            accelerator.print(f"early stopping: no better validation mAP for {since_best} epochs")
-            break
-    stopped_early = since_best >= cfg.early_stop_patience and epoch + 1 < cfg.epochs
-    state["history"]["best_epoch"] = best["epoch"]
-    return FitResult(state["history"], best["epoch"], best["score"], best["state"], best["probs"], best["targets"],
-                     best["mask"], best["val_loss"], epoch + 1, stopped_early, time.time() - start,
-                     pos_weight.tolist())
+        if stage != prepared.stage:
+            prepared = prepare_stage(accelerator, parts, cfg, stage, prepared)
+        seed_epoch(cfg, epoch, accelerator, parts)
+        best = run_epoch(prepared, parts, data, cfg, accelerator, run, best)
+        if cfg.keep_checkpoints:
+            save_checkpoint(accelerator, run, best, fingerprint, cfg)
+    run["history"]["best_epoch"] = best["epoch"]
+    return FitResult(run["history"], best["epoch"], best["score"], best["state"], best["probs"], best["targets"],
+                     best["mask"], best["val_loss"], run["epoch"], run["stop"] == "early_stopping", run["seconds"],
+                     parts.pos_weight.tolist(), run["decode_failures"], accelerator.num_processes,
+                     accelerator.mixed_precision, str(resume_from) if resume_from else None)
 
 
-def _record_epoch(history, epoch, stage, train_loss, val_loss, val_map, optimizer, seconds):
+def run_epoch(prepared: Prepared, parts: TrainingParts, data: AttrData, cfg: TrainConfig, accelerator: Accelerator,
+              run: dict, best: dict | None) -> dict:
+    """Train one epoch, validate, record it, update early stopping; returns the best epoch so far."""
+    epoch, start = run["epoch"], time.time()
+    train_loss = train_one_epoch(prepared.model, prepared.train_loader, prepared.optimizer, parts.loss_fn, accelerator,
+                                 run, cfg, epoch)
+    val_loss, probs, targets, mask = evaluate(prepared.model, prepared.val_loader, parts.loss_fn, accelerator)
+    failed = take_decode_failures(parts, accelerator)
+    val_map = evaluate_predictions(probs, targets, mask, data.label_names, [0.5] * len(data.label_names))["mAP"]
+    score = val_map if val_map is not None else -val_loss
+    improved = best is None or score > best["score"] + 1e-6
+    seconds = time.time() - start
+    _record_epoch(run["history"], epoch, prepared.stage, train_loss, val_loss, val_map, prepared.optimizer, seconds,
+                  len(failed))
+    accelerator.print(
+        f"epoch {epoch + 1}/{cfg.epochs} [{prepared.stage}] train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
+        f"val_mAP {_fmt(val_map)}  ({seconds:.0f}s){'  * best' if improved else ''}"
+        + (f"\n  {len(failed)} image(s) failed to decode and were left out: {', '.join(failed[:5])}"
+           f"{' ...' if len(failed) > 5 else ''}" if failed else "")
+    )
+    for name in failed:
+        run["decode_failures"][name] = run["decode_failures"].get(name, 0) + 1
+    if improved:
+        state_dict = accelerator.unwrap_model(prepared.model).state_dict()
+        best = {"score": score, "epoch": epoch + 1, "state": {k: v.detach().cpu().clone() for k, v in state_dict.items()},
+                "probs": probs, "targets": targets, "mask": mask, "val_loss": val_loss}
+    run["since_best"] = 0 if improved else run["since_best"] + 1
+    run["epoch"], run["seconds"] = epoch + 1, run["seconds"] + seconds
+    run["stop"] = stop_reason(run, cfg, accelerator)
+    return best
+
+
+def stop_reason(run: dict, cfg: TrainConfig, accelerator: Accelerator) -> str | None:
+    """Why training ends after the epoch just done ("max_steps", "early_stopping"), or None to go on."""
+    if cfg.max_steps and run["step"] >= cfg.max_steps:
+        accelerator.print(f"reached --max-steps {cfg.max_steps}")
+        return "max_steps"
+    in_last_stage = stage_at(run["epoch"] - 1, cfg) == stage_at(cfg.epochs - 1, cfg)
+    if run["since_best"] >= cfg.early_stop_patience and in_last_stage and run["epoch"] < cfg.epochs:
+        accelerator.print(f"early stopping: no better validation mAP for {run['since_best']} epochs")
+        return "early_stopping"
+    return None
+
+
+def take_decode_failures(parts: TrainingParts, accelerator: Accelerator) -> list[str]:
+    """Images that failed to decode this epoch on any process, each named once."""
+    failed = parts.failures[0].take() + parts.failures[1].take()
+    return sorted(set(gather_object(failed))) if accelerator.num_processes > 1 else sorted(set(failed))
+
+
+def _record_epoch(history, epoch, stage, train_loss, val_loss, val_map, optimizer, seconds, bad_images):
     lrs = {g["part"]: g["lr"] for g in optimizer.param_groups}
     row = {"epoch": epoch + 1, "stage": stage, "train_loss": train_loss, "val_loss": val_loss, "val_mAP": val_map,
            "lr_head": lrs.get("head"), "lr_backbone": lrs.get("backbone") if stage == "finetune" else 0.0,
-           "seconds": round(seconds, 2)}
+           "seconds": round(seconds, 2), "bad_images": bad_images}
     for key, value in row.items():
         history["epochs"][key].append(value)
 
 
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
+
+
+# ---------------------------------------------------------------- checkpoints and resume
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / CHECKPOINTS
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints in `folder`, oldest first; a temporary folder left by a kill mid-write is not one."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if re.fullmatch(r"epoch_\d+", p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def find_checkpoint(resume: str, output_dir: str | Path) -> Path:
+    """The checkpoint --resume names: the latest in OUTPUT/checkpoints, or PATH (a checkpoint, or a folder of them)."""
+    folder = checkpoint_root(output_dir) if resume == LATEST else Path(resume)
+    if (folder / STATE_FILE).is_file():
+        return folder
+    if (folder / CHECKPOINTS).is_dir():
+        folder = folder / CHECKPOINTS
+    found = list_checkpoints(folder)
+    if not found:
+        raise AttrclfError(f"--resume: no checkpoint in '{folder}' (a run writes one there after each epoch); "
+                           f"start without --resume, or pass --resume PATH to a checkpoint folder")
+    return found[-1]
+
+
+def resume_point(cfg: TrainConfig) -> Path | None:
+    """The checkpoint to continue from, or None for a fresh run; a fresh run never overwrites an interrupted one's."""
+    if cfg.resume:
+        return find_checkpoint(cfg.resume, cfg.output_dir)
+    existing = list_checkpoints(checkpoint_root(cfg.output_dir))
+    if existing:
+        raise AttrclfError(
+            f"'{existing[-1].parent}' holds checkpoints of an interrupted run (latest: {existing[-1].name}): "
+            f"pass --resume to continue it, or delete that folder or choose another --output-dir to start afresh"
+        )
+    return None
+
+
+def save_checkpoint(accelerator: Accelerator, run: dict, best: dict, fingerprint: str, cfg: TrainConfig) -> Path:
+    """The whole training state after an epoch, in OUTPUT/checkpoints/epoch_NNNN; the last --keep-checkpoints stay.
+
+    accelerate's `save_state` writes the model, optimizer, gradient scaler and RNG states; the best epoch's weights and
+    validation predictions go to safetensors; the loop's state (epoch, step, early stopping, history, data
+    fingerprint) to JSON. Everything is written into a temporary folder that is renamed when complete, so a kill
+    mid-write leaves the previous checkpoint the latest.
+    """
+    root = checkpoint_root(cfg.output_dir)
+    final, temporary = root / f"epoch_{run['epoch']:04d}", root / f".tmp-epoch_{run['epoch']:04d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))
+    if accelerator.is_main_process:
+        safetensors.torch.save_file(best["state"], temporary / BEST_WEIGHTS)
+        safetensors.numpy.save_file({"probs": best["probs"], "targets": best["targets"],
+                                     "mask": best["mask"].astype(np.uint8)}, temporary / BEST_PREDICTIONS)
+        saved = {**run, "fingerprint": fingerprint,
+                 "world_size": accelerator.num_processes, "batch_size": cfg.batch_size, "train_config": asdict(cfg),
+                 "best": {"score": best["score"], "epoch": best["epoch"], "val_loss": best["val_loss"]}}
+        (temporary / STATE_FILE).write_text(json.dumps(saved))
+        shutil.rmtree(final, ignore_errors=True)  # an older run's epoch of the same number (resumed from further back)
+        os.rename(temporary, final)
+        for old in list_checkpoints(root)[: -cfg.keep_checkpoints]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_checkpoint(path: Path, fingerprint: str, cfg: TrainConfig, accelerator: Accelerator) -> tuple[dict, dict]:
+    """The loop's state and best epoch from a checkpoint, after checking that it comes from this data and layout."""
+    saved = json.loads((path / STATE_FILE).read_text())
+    if saved["fingerprint"] != fingerprint:
+        raise AttrclfError(
+            f"--resume: checkpoint '{path}' was trained on other data (label names, images, labels or split differ); "
+            f"resume with the same --data / --label-columns / --val-fraction / --seed, or start afresh"
+        )
+    if (saved["world_size"], saved["batch_size"]) != (accelerator.num_processes, cfg.batch_size):
+        raise AttrclfError(
+            f"--resume: checkpoint '{path}' was written by {saved['world_size']} process(es) at --batch-size "
+            f"{saved['batch_size']}; this run has {accelerator.num_processes} at {cfg.batch_size}. Resume with the "
+            f"same number of processes and batch size (the step count and learning-rate schedule depend on both)"
+        )
+    changed = [k for k, v in asdict(cfg).items() if k not in RESUME_FREE and saved["train_config"].get(k) != v]
+    if changed:
+        accelerator.print(f"warning: resuming with settings that differ from the checkpoint's: {', '.join(changed)}")
+    predictions = safetensors.numpy.load_file(path / BEST_PREDICTIONS)
+    best = {**saved.pop("best"), "state": safetensors.torch.load_file(path / BEST_WEIGHTS),
+            "probs": predictions["probs"], "targets": predictions["targets"], "mask": predictions["mask"].astype(bool)}
+    run = {k: saved[k] for k in new_run_state()}
+    return run, best
 
 
 # ---------------------------------------------------------------- results
@@ -445,6 +681,9 @@ def finalize(model: AttrClassifier, result: FitResult, data: AttrData, cfg: Trai
         "epochs_run": result.epochs_run,
         "stopped_early": result.stopped_early,
         "train_seconds": round(result.seconds, 1),
+        "world_size": result.world_size,
+        "mixed_precision": result.mixed_precision,
+        "resumed_from": result.resumed_from,
         "data": {
             "source": data.source,
             "split": data.split,
@@ -456,6 +695,9 @@ def finalize(model: AttrClassifier, result: FitResult, data: AttrData, cfg: Trai
                                           _by_attribute(label_counts(data.validation["labels"], len(data.label_names))))),
             "skipped_images": len(data.skipped),
             "skipped": data.skipped,
+            # images that passed the pre-check but failed to decode during training: {name: epochs it failed in}
+            "decode_failures": sum(result.decode_failures.values()),
+            "decode_failed_images": result.decode_failures,
         },
         "pos_weight": dict(zip(data.label_names, [round(w, 4) for w in result.pos_weight])),
         "thresholds_note": "thresholds maximise F1 on the validation split; f1_macro_tuned is measured on the same "
@@ -491,6 +733,83 @@ def write_outputs(model: AttrClassifier, metrics: dict, result: FitResult, cfg: 
             leftover.unlink()
         staging.rmdir()
     return written
+
+
+def train_and_save(cfg: TrainConfig, data: AttrData, accelerator: Accelerator) -> dict:
+    """Build, train (or resume), finalize and write one model to cfg.output_dir; returns its metrics.json content."""
+    resume_from = resume_point(cfg)
+    set_seed(cfg.seed)
+    model = build_model(cfg, data.label_names)
+    accelerator.print(
+        f"model: {cfg.backbone} ({'pretrained' if cfg.pretrained else 'from scratch'}), input "
+        f"{model.config.input_size[1]}px; stages: head {cfg.head_epochs} epoch(s), then unfreeze "
+        f"{cfg.unfreeze_stages}; device {accelerator.device}, world size {accelerator.num_processes} "
+        f"(process(es) x batch {cfg.batch_size}), mixed precision {accelerator.mixed_precision}, "
+        f"{torch.get_num_threads()} thread(s) each"
+    )
+    result = fit(model, data, cfg, accelerator, resume_from)
+    metrics = finalize(model, result, data, cfg)
+    if accelerator.is_main_process:
+        written = write_outputs(model, metrics, result, cfg, Path(cfg.output_dir))
+        shutil.rmtree(checkpoint_root(cfg.output_dir), ignore_errors=True)  # the run is complete: nothing to resume
+        accelerator.print(summary_table(metrics))
+        accelerator.print(f"saved to {cfg.output_dir}/: {', '.join(written)}")
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    return metrics
+
+
+def cross_validate(cfg: TrainConfig, data: AttrData, accelerator: Accelerator) -> dict:
+    """--folds K: one model per fold in OUTPUT/fold_k/, then OUTPUT/cv_summary.json; returns the summary.
+
+    With --resume, folds whose model is complete are read back, the interrupted one continues from its checkpoint.
+    """
+    fold_metrics = []
+    for k, fold in enumerate(make_folds(data, cfg.folds, cfg.seed), start=1):
+        folder = Path(cfg.output_dir) / f"fold_{k}"
+        has_checkpoints = bool(list_checkpoints(checkpoint_root(folder)))
+        if cfg.resume and not has_checkpoints and (folder / "metrics.json").is_file():
+            accelerator.print(f"fold {k}/{cfg.folds}: complete, read from {folder}/metrics.json")
+            fold_metrics.append(json.loads((folder / "metrics.json").read_text()))
+            continue
+        accelerator.print(f"fold {k}/{cfg.folds}: {len(fold.train)} train / {len(fold.validation)} validation images")
+        fold_cfg = replace(cfg, output_dir=str(folder), folds=None, resume=LATEST if cfg.resume and has_checkpoints else None)
+        fold_metrics.append(train_and_save(fold_cfg, fold, accelerator))
+    summary = cv_summary(fold_metrics)
+    if accelerator.is_main_process:
+        path = Path(cfg.output_dir) / "cv_summary.json"
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text(json.dumps(summary, indent=2))
+        os.replace(temporary, path)
+        accelerator.print(cv_table(summary))
+        accelerator.print(f"saved to {cfg.output_dir}/: cv_summary.json, " + ", ".join(f"fold_{k}/" for k in range(1, cfg.folds + 1)))
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def cv_summary(fold_metrics: list[dict]) -> dict:
+    """Per-fold validation figures, and their mean and (population, numpy's default) standard deviation."""
+    folds = [{"fold": k, "validation_images": m["data"]["validation_images"], "best_epoch": m["best_epoch"],
+              **{name: m["validation"][name] for name in CV_FIGURES}} for k, m in enumerate(fold_metrics, start=1)]
+    summary = {}
+    for name in CV_FIGURES:
+        values = [row[name] for row in folds if row[name] is not None]
+        summary[name] = {"mean": float(np.mean(values)) if values else None,
+                         "std": float(np.std(values)) if values else None, "folds": len(values)}
+    return {"folds": folds, "summary": summary,
+            "note": "std is the population standard deviation over the folds (ddof=0); a fold without a figure "
+                    "(no attribute with both classes among its known labels) is left out of its mean"}
+
+
+def cv_table(summary: dict) -> str:
+    """The cross-validation table printed at the end of --folds."""
+    lines = [f"{'fold':<6} {'images':>6} " + " ".join(f"{name:>24}" for name in CV_FIGURES)]
+    for row in summary["folds"]:
+        lines.append(f"{row['fold']:<6} {row['validation_images']:>6} "
+                     + " ".join(f"{_fmt2(row[name]):>24}" for name in CV_FIGURES))
+    lines.append(f"{'mean':<6} {'':>6} " + " ".join(f"{_fmt2(summary['summary'][n]['mean']):>24}" for n in CV_FIGURES))
+    lines.append(f"{'std':<6} {'':>6} " + " ".join(f"{_fmt2(summary['summary'][n]['std']):>24}" for n in CV_FIGURES))
+    return "\n".join(lines)
 
 
 def summary_table(metrics: dict) -> str:
