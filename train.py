@@ -21,9 +21,12 @@ from attrclf.engine import (
     write_outputs,
 )
 from attrclf.errors import AttrclfError
+from attrclf.hub import check_can_push, push_model
 
 
 def training_function(cfg: TrainConfig) -> dict:
+    if cfg.push_to_hub:
+        check_can_push(cfg.push_to_hub)  # no token or a bad id: say so now, not after training
     accelerator = Accelerator()
     set_seed(cfg.seed)
     threads = configure_threads(cfg, accelerator)
@@ -51,6 +54,9 @@ def training_function(cfg: TrainConfig) -> dict:
         accelerator.print(summary_table(metrics))
         accelerator.print(f"saved to {cfg.output_dir}/: {', '.join(written)}")
     accelerator.wait_for_everyone()
+    if cfg.push_to_hub and accelerator.is_main_process:
+        url = push_model(cfg.output_dir, cfg.push_to_hub, private=cfg.hub_private)
+        accelerator.print(f"pushed {cfg.output_dir}/ to {cfg.push_to_hub}: {url}")
     return metrics
 
 

@@ -28,10 +28,11 @@ from .data import (
     train_transform,
 )
 from .errors import AttrclfError
+from .hub import render_card
 from .losses import LOSSES, build_loss
 from .metrics import evaluate_predictions, tune_thresholds
 from .model import ALL_STAGES, AttrClassifier, AttrConfig
-from .plots import plot_loss_curves
+from .plots import plot_loss_curves, plot_pr_curves
 
 # Defaults of flags left unset: (with --data, for the demo). The demo trains from scratch on small images, so it
 # takes bigger batches and a higher learning rate to finish in a few minutes on a CPU.
@@ -91,6 +92,12 @@ class TrainConfig:
     seed: int = _opt("random seed (split, initialisation, augmentation, order)", 42)
     max_steps: int | None = _opt("stop after this many optimiser steps (smoke runs)")
     output_dir: str = _opt("where the model and reports are written", "outputs")
+    push_to_hub: str | None = _opt("Hub model repo (namespace/name) to push the trained model folder to, from the "
+                                   "main process, once training ends")
+    hub_private: bool = _opt("create the --push-to-hub repo private", False)
+    license: str = _opt("license in the model card (check your data's and the backbone weights' terms)",
+                        "apache-2.0")
+    dataset_id: str | None = _opt("Hub dataset id named in the model card (default: --data when it is one)")
 
     def resolve(self) -> "TrainConfig":
         """A copy with every automatic default decided and the values checked."""
@@ -108,6 +115,8 @@ class TrainConfig:
             cfg.lr_finetune = cfg.lr if from_scratch else 1e-4
         if cfg.num_workers is None:
             cfg.num_workers = min(4, max(0, (os.cpu_count() or 1) - 1))
+        if cfg.dataset_id is None and cfg.data and cfg.data.count("/") == 1 and not Path(cfg.data).exists():
+            cfg.dataset_id = cfg.data  # a Hub dataset id: the card links it
         cfg.check()
         return cfg
 
@@ -419,8 +428,6 @@ def _by_attribute(counts: dict) -> list[dict]:
 
 def write_outputs(model: AttrClassifier, metrics: dict, result: FitResult, cfg: TrainConfig, output_dir: Path) -> list[str]:
     """Write the model package and reports: each file is written under a temporary name, then renamed into place."""
-    from .hub import render_card  # the card needs jinja; keep it out of import-time
-
     output_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=output_dir))
     try:
@@ -430,7 +437,9 @@ def write_outputs(model: AttrClassifier, metrics: dict, result: FitResult, cfg: 
         plot_loss_curves(result.history, staging / "loss_curve.png",
                          title=f"attrclf: {model.config.backbone}, {len(model.config.label_names)} attributes, "
                                f"best validation mAP {_fmt(metrics['validation']['mAP'])}")
-        render_card(model.config, metrics, asdict(cfg)).save(staging / "README.md")
+        plot_pr_curves(result.val_probs, result.val_targets, result.val_mask, model.config.label_names,
+                       model.config.thresholds, staging / "pr_curves.png")
+        render_card(asdict(model.config), metrics, asdict(cfg)).save(staging / "README.md")
         model.save_pretrained(staging)
         written = sorted(p.name for p in staging.iterdir())
         for name in written:
