@@ -97,7 +97,7 @@ class TrainConfig:
     hub_private: bool = _opt("create the --push-to-hub repo private", False)
     license: str = _opt("license in the model card (check your data's and the backbone weights' terms)",
                         "apache-2.0")
-    dataset_id: str | None = _opt("Hub dataset id named in the model card (default: --data when it is one)")
+    dataset_id: str | None = _opt("Hub dataset id named in the model card; when unset, --data if it is one")
 
     def resolve(self) -> "TrainConfig":
         """A copy with every automatic default decided and the values checked."""

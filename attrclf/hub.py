@@ -197,11 +197,12 @@ def limitations(metrics: dict, train_config: dict) -> list[str]:
     if single:
         notes.append(f"{', '.join(single)}: a single class among the known validation labels, so no AP or F1 could "
                      f"be measured.")
-    return notes + threshold_notes(metrics, train_config) + [
+    return notes + run_notes(metrics, train_config) + [
         "Attributes are predicted independently: nothing checks that the predicted set is consistent."]
 
 
-def threshold_notes(metrics: dict, train_config: dict) -> list[str]:
+def run_notes(metrics: dict, train_config: dict) -> list[str]:
+    """Limitations that come from how the run went: thresholds, pos_weight caps, skipped images, its length."""
     validation, notes = metrics["validation"], []
     if validation["f1_macro_tuned"] is not None and validation["f1_macro_tuned_crossfit"] is not None:
         notes.append(f"Thresholds were tuned to maximise F1 on the validation images the table reports (macro-F1 "
@@ -216,6 +217,9 @@ def threshold_notes(metrics: dict, train_config: dict) -> list[str]:
                      f"metrics.json.")
     if train_config.get("max_steps"):
         notes.append(f"A short run (stopped at --max-steps {train_config['max_steps']}): not a finished model.")
+    elif metrics["best_epoch"] == metrics["epochs_run"] == train_config.get("epochs"):
+        notes.append(f"The best epoch was the last of the {metrics['epochs_run']} allowed: validation mAP was still "
+                     f"rising, so a longer run (--epochs) would likely do better.")
     return notes
 
 

@@ -151,7 +151,7 @@ class Handler(BaseHTTPRequestHandler):
     # ---- plumbing
 
     def body(self) -> bytes:
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        return self.data
 
     def answer(self, status: int, payload=None, headers: dict | None = None, raw: bytes | None = None):
         data = raw if raw is not None else json.dumps(payload).encode() if payload is not None else b""
@@ -164,6 +164,8 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def dispatch(self):
+        # read the whole body first: an error answered before reading it would leave it on the kept-alive connection
+        self.data = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         url = urlsplit(self.path)
         parts = [unquote(p) for p in url.path.strip("/").split("/")]
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}

@@ -145,9 +145,10 @@ def more_pushes(hub, trained, saved_model, tmp_path_factory):
 
 
 PULL = """
-import json, sys
+import json, os, sys
 import numpy as np, torch
 from dataclasses import asdict
+from huggingface_hub import snapshot_download
 from attrclf import AttrClassifier, AttrclfError, Predictor
 local_dir, image, out = sys.argv[1:]
 hub_model = AttrClassifier.from_pretrained("user/attrclf")  # a fresh process, an empty cache
@@ -169,7 +170,8 @@ json.dump({"config": asdict(hub_model.config),
            "v2": labels("user/attrclf", revision="v2"),
            "no_such_revision": labels("user/attrclf", revision="nope"),
            "private_without_token": labels("user/secret", token=False),
-           "private_with_token": labels("user/secret")}, open(out + "/pulled.json", "w"))
+           "private_with_token": labels("user/secret"),
+           "snapshot": sorted(os.listdir(snapshot_download("user/attrclf")))}, open(out + "/pulled.json", "w"))
 """
 
 
@@ -188,6 +190,7 @@ def test_fresh_process_loads_the_pushed_model_by_id(hub, trained, pulled):
     assert np.array_equal(np.load(tmp / "hub_logits.npy"), np.load(tmp / "local_logits.npy"))
     assert found["config"] == json.loads((trained[0] / "config.json").read_text())
     assert found["predicted"] == found["expected"]
+    assert found["snapshot"] == sorted(hub.files(MODEL_ID))  # snapshot_download gets the whole repo
     assert (tmp / "home" / "cache" / "models--user--attrclf" / "snapshots").is_dir()  # the standard cache
     assert hub.unhandled == []
 
