@@ -16,9 +16,12 @@ from attrclf.engine import (
     train_and_save,
 )
 from attrclf.errors import AttrclfError
+from attrclf.hub import check_can_push, push_model
 
 
 def training_function(cfg: TrainConfig) -> dict:
+    if cfg.push_to_hub:
+        check_can_push(cfg.push_to_hub)  # no token or a bad id: say so now, not after training
     accelerator = Accelerator()
     configure_threads(cfg, accelerator)
     data = load_training_data(cfg, accelerator)
@@ -32,7 +35,11 @@ def training_function(cfg: TrainConfig) -> dict:
         accelerator.print(f"warning: {message}")
     if cfg.folds:
         return cross_validate(cfg, data, accelerator)
-    return train_and_save(cfg, data, accelerator)
+    metrics = train_and_save(cfg, data, accelerator)
+    if cfg.push_to_hub and accelerator.is_main_process:
+        url = push_model(cfg.output_dir, cfg.push_to_hub, private=cfg.hub_private)
+        accelerator.print(f"pushed {cfg.output_dir}/ to {cfg.push_to_hub}: {url}")
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -41,10 +41,11 @@ from .data import (
     training_counts,
 )
 from .errors import AttrclfError
+from .hub import render_card
 from .losses import LOSSES, build_loss
 from .metrics import evaluate_predictions, tune_thresholds
 from .model import ALL_STAGES, AttrClassifier, AttrConfig
-from .plots import plot_loss_curves
+from .plots import plot_loss_curves, plot_pr_curves
 
 # Defaults of flags left unset: (with --data, for the demo). The demo trains from scratch on small images, so it
 # takes bigger batches and a higher learning rate to finish in a few minutes on a CPU.
@@ -136,6 +137,12 @@ class TrainConfig:
                               "the checkpoint folder PATH", nargs="?", const=LATEST, metavar="PATH")
     folds: int | None = _opt("k-fold cross-validation: K models, fold k validating the one trained on the other "
                              "folds (grouped by --group-column); writes OUTPUT/fold_1..fold_K and OUTPUT/cv_summary.json")
+    push_to_hub: str | None = _opt("Hub model repo (namespace/name) to push the trained model folder to, from the "
+                                   "main process, once training ends")
+    hub_private: bool = _opt("create the --push-to-hub repo private", False)
+    license: str = _opt("license in the model card (check your data's and the backbone weights' terms)",
+                        "apache-2.0")
+    dataset_id: str | None = _opt("Hub dataset id named in the model card; when unset, --data if it is one")
 
     def resolve(self) -> "TrainConfig":
         """A copy with every automatic default decided and the values checked."""
@@ -153,6 +160,8 @@ class TrainConfig:
             cfg.lr_finetune = cfg.lr if from_scratch else 1e-4
         if cfg.num_workers is None:
             cfg.num_workers = min(4, max(0, (os.cpu_count() or 1) - 1))
+        if cfg.dataset_id is None and cfg.data and cfg.data.count("/") == 1 and not Path(cfg.data).exists():
+            cfg.dataset_id = cfg.data  # a Hub dataset id: the card links it
         cfg.check()
         return cfg
 
@@ -174,6 +183,9 @@ class TrainConfig:
             raise AttrclfError("--keep-checkpoints must be 0 (no checkpoints) or more")
         if self.folds is not None and self.folds < 2:
             raise AttrclfError(f"--folds must be at least 2 (got {self.folds})")
+        if self.folds and self.push_to_hub:
+            raise AttrclfError("--push-to-hub cannot be combined with --folds (K models): push the fold you want with "
+                               "`python -m attrclf.hub push OUTPUT/fold_k ID`")
         if self.folds and self.resume not in (None, LATEST):
             raise AttrclfError("--resume PATH cannot be combined with --folds: use --resume alone, it finds each "
                                "fold's latest checkpoint")
@@ -712,8 +724,6 @@ def _by_attribute(counts: dict) -> list[dict]:
 
 def write_outputs(model: AttrClassifier, metrics: dict, result: FitResult, cfg: TrainConfig, output_dir: Path) -> list[str]:
     """Write the model package and reports: each file is written under a temporary name, then renamed into place."""
-    from .hub import render_card  # the card needs jinja; keep it out of import-time
-
     output_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=output_dir))
     try:
@@ -723,7 +733,9 @@ def write_outputs(model: AttrClassifier, metrics: dict, result: FitResult, cfg: 
         plot_loss_curves(result.history, staging / "loss_curve.png",
                          title=f"attrclf: {model.config.backbone}, {len(model.config.label_names)} attributes, "
                                f"best validation mAP {_fmt(metrics['validation']['mAP'])}")
-        render_card(model.config, metrics, asdict(cfg)).save(staging / "README.md")
+        plot_pr_curves(result.val_probs, result.val_targets, result.val_mask, model.config.label_names,
+                       model.config.thresholds, staging / "pr_curves.png")
+        render_card(asdict(model.config), metrics, asdict(cfg)).save(staging / "README.md")
         model.save_pretrained(staging)
         written = sorted(p.name for p in staging.iterdir())
         for name in written:

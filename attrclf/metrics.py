@@ -7,17 +7,25 @@ label is known. AP follows scikit-learn's definition (step-wise precision-recall
 import numpy as np
 
 
-def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
-    """AP of `scores` against binary `labels` (1-D); NaN if there is no positive."""
-    if labels.sum() == 0:
-        return float("nan")
+def precision_recall_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall and threshold at each distinct score, highest score first (1-D inputs, some positive).
+
+    The points are scikit-learn's `precision_recall_curve` without its closing (precision 1, recall 0) point,
+    highest threshold first.
+    """
     order = np.argsort(-scores, kind="mergesort")
     scores, labels = scores[order], labels[order]
     last_of_each_score = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
     tps = np.cumsum(labels)[last_of_each_score]
     fps = last_of_each_score + 1 - tps
-    precision = tps / (tps + fps)
-    recall = tps / tps[-1]
+    return tps / (tps + fps), tps / tps[-1], scores[last_of_each_score]
+
+
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """AP of `scores` against binary `labels` (1-D); NaN if there is no positive."""
+    if labels.sum() == 0:
+        return float("nan")
+    precision, recall, _ = precision_recall_curve(scores, labels)
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 

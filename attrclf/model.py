@@ -5,18 +5,19 @@ to rebuild the dataclass from config.json.
 """
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import safetensors.torch
 import timm
 import torch
-from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
+from huggingface_hub import ModelCard, PyTorchModelHubMixin, constants, hf_hub_download
 from timm.data import resolve_data_config
 from timm.models import group_parameters
 from torch import nn
 
 from .errors import AttrclfError
+from .hub import render_card
 
 ALL_STAGES = "all"
 
@@ -211,6 +212,16 @@ class AttrClassifier(
                         module.eval()
         return self
 
+    # ---- saving: attrclf's card, never the mixin's generic one ----
+
+    def generate_model_card(self, *args, **kwargs) -> ModelCard:
+        """attrclf's card (hub_card.md) from the config alone, for save_pretrained / push_to_hub outside training.
+
+        Training writes the full card (data, procedure, evaluation) before it saves, and save_pretrained keeps a
+        README.md that is already there.
+        """
+        return render_card(asdict(self.config))
+
     # ---- loading: strict, safetensors only ----
 
     @classmethod
@@ -228,6 +239,11 @@ class AttrClassifier(
     ):
         model_kwargs.pop("strict", None)  # always strict
         if not isinstance(model_kwargs.get("config"), AttrConfig):
+            if not os.path.isdir(model_id):
+                # The mixin swallows the Hub's answer for config.json: ask again, so that a missing repo, a private
+                # one without a token or a missing revision raises huggingface_hub's own error.
+                hf_hub_download(repo_id=model_id, filename=constants.CONFIG_NAME, revision=revision,
+                                cache_dir=cache_dir, token=token, local_files_only=local_files_only)
             raise AttrclfError(f"'{model_id}' has no attrclf config.json: is it a model saved by attrclf?")
         model = cls(**model_kwargs)
         if os.path.isdir(model_id):

@@ -1,11 +1,15 @@
 """Training plots as PNG files (matplotlib, no display needed)."""
 
+import math
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # headless: never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
+
+from .metrics import average_precision, confusion, precision_recall_curve
 
 
 def plot_loss_curves(history: dict, path: Path, title: str = "attrclf training") -> Path:
@@ -43,6 +47,47 @@ def plot_loss_curves(history: dict, path: Path, title: str = "attrclf training")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_pr_curves(probs: np.ndarray, targets: np.ndarray, mask: np.ndarray, label_names: list[str],
+                   thresholds: list[float], path: Path, title: str = "Precision-recall per attribute") -> Path:
+    """One precision-recall panel per attribute over its known validation labels, the tuned threshold marked.
+
+    Args:
+        probs: (N, A) validation probabilities.
+        targets: (N, A) 0/1 labels (anything where NA).
+        mask: (N, A) bool, True where the label is known.
+        label_names: A names.
+        thresholds: A tuned thresholds.
+        path: PNG to write.
+    """
+    columns = min(4, len(label_names))
+    rows = math.ceil(len(label_names) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 3.0 * rows + 0.6), squeeze=False)
+    tp, fp, fn = confusion(probs, targets, mask, thresholds)
+    for a, (ax, name) in enumerate(zip(axes.flat, label_names)):
+        scores, labels = probs[mask[:, a], a], targets[mask[:, a], a].astype(np.int64)
+        positives, negatives = int(labels.sum()), int(len(labels) - labels.sum())
+        ax.set_title(f"{name}\n{positives} positive / {negatives} negative", fontsize=9)
+        ax.set(xlim=(0, 1.02), ylim=(0, 1.04), xlabel="recall", ylabel="precision")
+        ax.grid(alpha=0.3)
+        if positives == 0 or negatives == 0:
+            ax.text(0.5, 0.5, "one class only:\nnot evaluated", ha="center", va="center", fontsize=9)
+            continue
+        precision, recall, _ = precision_recall_curve(scores, labels)
+        ap = average_precision(scores, labels)
+        ax.plot(np.r_[0.0, recall], np.r_[precision[0], precision], drawstyle="steps-pre", label=f"AP {ap:.3f}")
+        ax.axhline(positives / len(labels), color="grey", linestyle="--", linewidth=1, label="chance")
+        point = (tp[a] / max(tp[a] + fn[a], 1), tp[a] / max(tp[a] + fp[a], 1))
+        ax.plot(*point, "o", color="red", label=f"threshold {thresholds[a]:.2f}")
+        ax.legend(fontsize=7, loc="lower left")
+    for ax in list(axes.flat)[len(label_names):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 

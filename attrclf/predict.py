@@ -17,6 +17,7 @@ from PIL import Image
 
 from .data import IMAGE_SUFFIXES, eval_transform, load_image
 from .errors import AttrclfError
+from .hub import hub_errors
 from .model import AttrClassifier
 
 
@@ -65,12 +66,14 @@ class Predictor:
                         **kwargs):
         """Load from a local folder or a Hub repo (strict, safetensors only)."""
         model_id = resolve_model_id(model_id)
+        where = f"'{model_id}'" + (f" at revision '{revision}'" if revision else "")
         try:
-            model = AttrClassifier.from_pretrained(model_id, revision=revision, **kwargs)
+            with hub_errors(f"load the model {where}", model_id):
+                model = AttrClassifier.from_pretrained(model_id, revision=revision, **kwargs)
         except AttrclfError:
             raise
-        except Exception as e:  # Hub unreachable, repo missing, revision missing
-            raise AttrclfError(f"could not load model '{model_id}': {type(e).__name__}: {e}") from e
+        except Exception as e:  # anything else the Hub client or the weights file raises
+            raise AttrclfError(f"could not load model {where}: {type(e).__name__}: {e}") from e
         return cls(model, device or ("cuda" if torch.cuda.is_available() else "cpu"), tta=tta)
 
     def preprocess(self, image) -> torch.Tensor:

@@ -1,8 +1,15 @@
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, f1_score
+from sklearn.metrics import precision_recall_curve as sklearn_pr_curve
 
-from attrclf.metrics import average_precision, best_f1_threshold, evaluate_predictions, tune_thresholds
+from attrclf.metrics import (
+    average_precision,
+    best_f1_threshold,
+    evaluate_predictions,
+    precision_recall_curve,
+    tune_thresholds,
+)
 
 
 @pytest.mark.parametrize(
@@ -17,6 +24,17 @@ from attrclf.metrics import average_precision, best_f1_threshold, evaluate_predi
 def test_average_precision_equals_sklearn(scores, labels):
     scores, labels = np.array(scores), np.array(labels)
     assert average_precision(scores, labels) == pytest.approx(average_precision_score(labels, scores))
+
+
+def test_precision_recall_curve_by_hand():
+    # ranked 1, 0, then a tie of 1 and 0 at 0.4: one point per distinct score, highest first
+    precision, recall, thresholds = precision_recall_curve(np.array([0.9, 0.7, 0.4, 0.4]), np.array([1, 0, 1, 0]))
+    assert thresholds.tolist() == [0.9, 0.7, 0.4]
+    assert precision.tolist() == pytest.approx([1.0, 0.5, 0.5])
+    assert recall.tolist() == pytest.approx([0.5, 0.5, 1.0])
+    sk_precision, sk_recall, sk_thresholds = sklearn_pr_curve([1, 0, 1, 0], [0.9, 0.7, 0.4, 0.4])
+    assert sk_thresholds[::-1].tolist() == thresholds.tolist()  # scikit-learn's points, reversed, without (1, 0)
+    assert sk_precision[-2::-1] == pytest.approx(precision) and sk_recall[-2::-1] == pytest.approx(recall)
 
 
 def test_average_precision_by_hand():

@@ -27,7 +27,7 @@ def test_accelerate_launch_trains_the_demo_end_to_end(tmp_path):
     assert "embedded demo dataset" in result.stdout
     assert sorted(p.name for p in out.iterdir()) == [
         "README.md", "config.json", "history.json", "loss_curve.png", "metrics.json", "model.safetensors",
-        "train_config.json",
+        "pr_curves.png", "train_config.json",
     ]
     history = json.loads((out / "history.json").read_text())
     losses = history["epochs"]["train_loss"]
