@@ -9,7 +9,7 @@ import sys
 from attrclf.ui import AppSettings, build_demo, launch, load_predictor
 
 settings = AppSettings.parse(sys.argv[1:] if __name__ == "__main__" else None)
-predictor, status = load_predictor(settings.model)
+predictor, status = load_predictor(settings.model, settings.threads)
 print(status, flush=True)
 demo = build_demo(predictor, settings.model, status, settings.examples)
 

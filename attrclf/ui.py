@@ -15,6 +15,7 @@ from pathlib import Path
 
 import gradio as gr
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from . import demo as demo_data
@@ -47,6 +48,8 @@ class AppSettings:
         host: Server address (None: gradio's GRADIO_SERVER_NAME, else 127.0.0.1; "0.0.0.0" to listen on the network).
         port: Server port (None: gradio's GRADIO_SERVER_PORT, else the first free port from 7860).
         concurrency: Predictions run at the same time; more requests wait in the queue.
+        threads: torch threads per prediction (concurrency x threads should not exceed the cores: threads that
+            wait on each other make a 5 ms prediction take 100s of ms).
         queue_size: Requests that may wait; beyond it users are told the queue is full.
         max_file_size: Largest upload gradio accepts ("10mb").
         examples: Folder of example images (None: generated demo examples when the model is the demo's).
@@ -56,6 +59,7 @@ class AppSettings:
     host: str | None = None
     port: int | None = None
     concurrency: int = 2
+    threads: int = 1
     queue_size: int = 64
     max_file_size: str = "10mb"
     examples: str | None = None
@@ -70,13 +74,14 @@ class AppSettings:
         parser.add_argument("--host", default=None, help="address to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1)")
         parser.add_argument("--port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT or 7860)")
         parser.add_argument("--concurrency", type=int, default=cls.concurrency, help="predictions run at once")
+        parser.add_argument("--threads", type=int, default=cls.threads, help="torch threads per prediction")
         parser.add_argument("--queue-size", type=int, default=cls.queue_size, help="requests that may wait")
         parser.add_argument("--max-file-size", default=cls.max_file_size, help="largest upload, e.g. 10mb")
         parser.add_argument("--examples", default=environ.get("ATTRCLF_EXAMPLES"),
                             help="folder of example images (default: $ATTRCLF_EXAMPLES, else demo examples)")
         args = parser.parse_args([] if argv is None else argv)
-        if args.concurrency < 1 or args.queue_size < 1:
-            parser.error("--concurrency and --queue-size must be at least 1")
+        if min(args.concurrency, args.threads, args.queue_size) < 1:
+            parser.error("--concurrency, --threads and --queue-size must be at least 1")
         return cls(**vars(args))
 
 
@@ -85,8 +90,15 @@ def default_model() -> str | None:
     return "outputs" if os.path.isfile(os.path.join("outputs", "config.json")) else None
 
 
-def load_predictor(model: str | None) -> tuple[Predictor | None, str]:
-    """(predictor, a line for the console). No model, or one that does not load: (None, what to do)."""
+def load_predictor(model: str | None, threads: int | None = None) -> tuple[Predictor | None, str]:
+    """(predictor, a line for the console). No model, or one that does not load: (None, what to do).
+
+    Args:
+        model: Model folder or Hub id.
+        threads: Set torch's (process-wide) thread count for serving; None leaves it alone.
+    """
+    if threads:
+        torch.set_num_threads(threads)
     if not model:
         return None, f"No model to serve. {HOW_TO_GET_A_MODEL}"
     try:

@@ -104,10 +104,11 @@ def test_settings_flags_beat_environment_and_outputs_is_the_default(tmp_path, mo
     env = {"ATTRCLF_MODEL": "user/attrclf", "ATTRCLF_EXAMPLES": "ex"}
     assert AppSettings.parse([], environ=env).model == "user/attrclf"
     settings = AppSettings.parse(["--model", "m", "--host", "0.0.0.0", "--port", "8000", "--concurrency", "3",
-                                  "--max-file-size", "5mb"], environ=env)
-    assert settings == AppSettings("m", "0.0.0.0", 8000, 3, 64, "5mb", "ex")
-    with pytest.raises(SystemExit):
-        AppSettings.parse(["--concurrency", "0"], environ={})
+                                  "--threads", "2", "--max-file-size", "5mb"], environ=env)
+    assert settings == AppSettings("m", "0.0.0.0", 8000, 3, 2, 64, "5mb", "ex")
+    for flag in ("--concurrency", "--threads", "--queue-size"):
+        with pytest.raises(SystemExit):
+            AppSettings.parse([flag, "0"], environ={})
 
 
 def test_no_model_or_a_bad_one_gives_instructions_not_an_exception(tmp_path):
