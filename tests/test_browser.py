@@ -101,6 +101,8 @@ def test_upload_read_table_move_threshold_click_example(app, tmp_path):
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.set_default_timeout(TIMEOUT_S * 1000)
+            model_runs = []  # the model runs only in the queued /predict event; threshold events skip the queue
+            page.on("request", lambda request: model_runs.append(1) if "/queue/join" in request.url else None)
             page.goto(app["url"])
             assert "test_resnet" in page.locator("#model").inner_text()
 
@@ -118,10 +120,12 @@ def test_upload_read_table_move_threshold_click_example(app, tmp_path):
             wait_for_table(page, expected["probabilities"], ["absent"] * len(rows), "threshold 1")
             page.locator("#use-global input[type=checkbox]").uncheck()  # back to the tuned thresholds
             wait_for_table(page, expected["probabilities"], status(expected), "tuned again")
+            assert len(model_runs) == 1, "moving the threshold ran the model again"
 
             page.locator("#examples button.gallery-item").nth(1).click()
             from_example = predictor.predict(example)
             wait_for_table(page, from_example["probabilities"], status(from_example), "example")
+            assert len(model_runs) == 2
             page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
         finally:
             browser.close()
