@@ -82,6 +82,8 @@ class AppSettings:
         args = parser.parse_args([] if argv is None else argv)
         if min(args.concurrency, args.threads, args.queue_size) < 1:
             parser.error("--concurrency, --threads and --queue-size must be at least 1")
+        if args.examples and not os.path.isdir(args.examples):
+            parser.error(f"--examples / ATTRCLF_EXAMPLES: '{args.examples}' is not a folder of images")
         return cls(**vars(args))
 
 
@@ -142,8 +144,14 @@ def read_upload(path: str | os.PathLike, name: str | None = None) -> Image.Image
 
 
 def chosen_thresholds(predictor: Predictor, use_global: bool, global_threshold: float) -> list[float]:
-    """The model's tuned per-attribute thresholds, or `global_threshold` for every attribute."""
-    return predictor.thresholds(float(global_threshold) if use_global else None)
+    """The model's tuned per-attribute thresholds, or `global_threshold` for every attribute (API callers may send
+    anything: a clear AttrclfError unless it is a number from 0 to 1)."""
+    if not use_global:
+        return predictor.thresholds(None)
+    try:
+        return predictor.thresholds(float(global_threshold))
+    except (TypeError, ValueError):
+        raise AttrclfError(f"global_threshold must be a number between 0 and 1 (got {global_threshold!r})") from None
 
 
 def relabel(probs: list[float] | None, label_names: list[str], thresholds: list[float]) -> dict:

@@ -22,6 +22,7 @@ from attrclf.ui import (
     PRESENT,
     AppSettings,
     build_demo,
+    chosen_thresholds,
     example_images,
     launch,
     load_predictor,
@@ -100,14 +101,15 @@ def test_settings_flags_beat_environment_and_outputs_is_the_default(tmp_path, mo
     (tmp_path / "outputs").mkdir()
     (tmp_path / "outputs" / "config.json").write_text("{}")
     assert AppSettings.parse([], environ={}) == AppSettings(model="outputs")
+    (tmp_path / "ex").mkdir()
     env = {"ATTRCLF_MODEL": "user/attrclf", "ATTRCLF_EXAMPLES": "ex"}
     assert AppSettings.parse([], environ=env).model == "user/attrclf"
     settings = AppSettings.parse(["--model", "m", "--host", "0.0.0.0", "--port", "8000", "--concurrency", "3",
                                   "--threads", "2", "--max-file-size", "5mb"], environ=env)
     assert settings == AppSettings("m", "0.0.0.0", 8000, 3, 2, 64, "5mb", "ex")
-    for flag in ("--concurrency", "--threads", "--queue-size"):
+    for flags in (["--concurrency", "0"], ["--threads", "0"], ["--queue-size", "0"], ["--examples", "missing"]):
         with pytest.raises(SystemExit):
-            AppSettings.parse([flag, "0"], environ={})
+            AppSettings.parse(flags, environ={})
 
 
 def test_no_model_or_a_bad_one_gives_instructions_not_an_exception(tmp_path):
@@ -212,6 +214,17 @@ def test_exif_orientation_matters_to_this_model(served, odd_images):
     raw_pixels = Image.fromarray(np.asarray(Image.open(odd_images / "exif.jpg")))  # the same pixels, no EXIF
     raw = predictor.predict(raw_pixels)["probabilities"]
     assert not np.allclose(list(rotated.values()), list(raw.values()), atol=1e-5)
+
+
+def test_api_refuses_a_global_threshold_that_is_not_a_probability(served, odd_images):
+    from gradio_client.exceptions import AppError
+
+    for bad in (1.5, -0.1):
+        with pytest.raises(AppError, match="between 0 and 1"):
+            api_predict(served.client, odd_images / "rgb.png", True, bad)
+    with pytest.raises(AttrclfError, match="must be a number between 0 and 1 \\(got 'half'\\)"):
+        chosen_thresholds(served.predictor, True, "half")
+    assert chosen_thresholds(served.predictor, False, "ignored") == [0.3, 0.5, 0.7]
 
 
 def test_api_global_threshold(served, odd_images):
