@@ -86,16 +86,41 @@ def cold_start(model: str, port: int, image: str, extra: list[str]) -> tuple[sub
     return server, {"page_s": page, "first_answer_s": time.perf_counter() - start}
 
 
-def user(url: str, images: list[str], requests: int, offset: int, barrier: threading.Barrier, out: dict) -> None:
-    """One user: its own client, `requests` predictions one after another; latency in seconds, errors counted."""
+def client_call(url: str):
+    """One user's prediction function through gradio_client (what the README shows API users)."""
     from gradio_client import Client, handle_file
 
     client = Client(url, verbose=False)
+    return lambda image: client.predict(handle_file(image), api_name="/predict")
+
+
+def http_call(url: str):
+    """One user's prediction function in plain HTTP (upload, /call/predict, read the event stream): the server's
+    share of the latency, without gradio_client's own overhead (threads, polling every 50 ms)."""
+    import httpx
+
+    http = httpx.Client(base_url=f"{url}gradio_api", timeout=60)
+
+    def call(image: str) -> dict:
+        with open(image, "rb") as f:
+            path = http.post("/upload", files={"files": f}).json()[0]
+        upload = {"path": path, "meta": {"_type": "gradio.FileData"}}
+        event = http.post("/call/predict", json={"data": [upload, False, 0.5]}).json()["event_id"]
+        stream = http.get(f"/call/predict/{event}").text
+        if "event: complete" not in stream:
+            raise RuntimeError(stream[-300:])
+        return json.loads(stream.split("event: complete\ndata: ", 1)[1].splitlines()[0])[-1]  # [state, result]
+
+    return call
+
+
+def user(call, images: list[str], requests: int, offset: int, barrier: threading.Barrier, out: dict) -> None:
+    """One user: `requests` predictions one after another; latency in seconds, every failure counted."""
     barrier.wait()
     for i in range(requests):
         begin = time.perf_counter()
         try:
-            result = client.predict(handle_file(images[(offset + i) % len(images)]), api_name="/predict")
+            result = call(images[(offset + i) % len(images)])
             if not result.get("probabilities"):
                 raise ValueError(f"empty result {result}")
             out["latencies"].append(time.perf_counter() - begin)
@@ -103,10 +128,12 @@ def user(url: str, images: list[str], requests: int, offset: int, barrier: threa
             out["errors"].append(f"{type(e).__name__}: {e}")
 
 
-def load(url: str, images: list[str], users: int, requests: int) -> dict:
+def load(url: str, images: list[str], users: int, requests: int, http: bool = False) -> dict:
     out = {"latencies": [], "errors": []}
     barrier = threading.Barrier(users + 1)
-    threads = [threading.Thread(target=user, args=(url, images, requests, k * 7, barrier, out)) for k in range(users)]
+    calls = [(http_call if http else client_call)(url) for _ in range(users)]
+    threads = [threading.Thread(target=user, args=(call, images, requests, k * 7, barrier, out))
+               for k, call in enumerate(calls)]
     for thread in threads:
         thread.start()
     barrier.wait()
@@ -115,13 +142,12 @@ def load(url: str, images: list[str], users: int, requests: int) -> dict:
         thread.join()
     wall = time.perf_counter() - start
     ms = np.asarray(out["latencies"]) * 1000
-    return {
-        "users": users, "requests_per_user": requests, "ok": int(ms.size), "errors": len(out["errors"]),
-        "first_errors": out["errors"][:5], "wall_s": wall, "throughput_per_s": ms.size / wall,
-        **{f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 95, 99)},
-        "mean_ms": float(ms.mean()), "max_ms": float(ms.max()),
-    } if ms.size else {"users": users, "requests_per_user": requests, "ok": 0, "errors": len(out["errors"]),
-                       "first_errors": out["errors"][:5]}
+    report = {"client": "http" if http else "gradio_client", "users": users, "requests_per_user": requests,
+              "ok": int(ms.size), "errors": len(out["errors"]), "first_errors": out["errors"][:5], "wall_s": wall}
+    if ms.size:
+        report.update({f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 95, 99)}, mean_ms=float(ms.mean()),
+                      max_ms=float(ms.max()), throughput_per_s=ms.size / wall)
+    return report
 
 
 def table(report: dict) -> str:
@@ -129,8 +155,10 @@ def table(report: dict) -> str:
     rows = [
         ("cold start: page answers", f"{cold['page_s']:.2f} s", ""),
         ("cold start: first prediction", f"{cold['first_answer_s']:.2f} s", "goal <= 8 s"),
-        ("requests ok / errors", f"{run['ok']} / {run['errors']}", "goal 0 errors"),
+        (f"{run['users']} {run['client']} users: ok / errors", f"{run['ok']} / {run['errors']}", "goal 0 errors"),
     ]
+    if run["errors"]:
+        rows.append(("first error", run["first_errors"][0][:60], ""))
     if run["ok"]:
         rows += [
             ("latency p50", f"{run['p50_ms']:.0f} ms", ""),
@@ -160,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="outputs", help="model folder or Hub id served by app.py")
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--requests", type=int, default=50, help="predictions per user")
+    parser.add_argument("--http", action="store_true",
+                        help="users speak plain HTTP instead of gradio_client (the server's share of the latency)")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     args, app_flags = parser.parse_known_args(argv)  # anything else goes to app.py (--concurrency, --threads)
     import gradio
@@ -174,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         report["model_alone"] = model_alone(args.model, images)
         server, report["cold_start"] = cold_start(args.model, port, images[0], app_flags)
         try:
-            report["load"] = load(f"http://127.0.0.1:{port}/", images, args.users, args.requests)
+            report["load"] = load(f"http://127.0.0.1:{port}/", images, args.users, args.requests, args.http)
         finally:
             server.terminate()
             server.wait(timeout=30)
