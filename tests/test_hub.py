@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -332,6 +333,50 @@ def test_push_space_uploads_exactly_the_space(hub, trained, source_root, tmp_pat
     space = hub.repos[("space", "user/attrclf-demo")]
     assert space.sdk == "gradio" and space.variables["ATTRCLF_MODEL"]["value"] == MODEL_ID
     assert hub.unhandled == []
+
+
+def test_the_pushed_space_serves_the_model_by_id(hub, trained, tmp_path):
+    """The real app.py and package, pushed as a Space, then run from the Space's files with ATTRCLF_MODEL=user/attrclf
+    (the model pulled from the Hub by id, as on huggingface.co): its /predict equals the local Predictor's."""
+    from gradio_client import Client, handle_file
+
+    env = client_env(hub.endpoint, tmp_path / "home")
+    pushed = run(["-m", "attrclf.hub", "push-space", "user/attrclf-space", "--model", MODEL_ID], env)
+    assert pushed.returncode == 0, pushed.stderr
+    files = hub.files("user/attrclf-space", repo_type="space")
+    assert files["app.py"] == (REPO / "app.py").read_bytes() and "attrclf/ui.py" in files
+    space = tmp_path / "space"
+    for name, content in files.items():
+        (space / name).parent.mkdir(parents=True, exist_ok=True)
+        (space / name).write_bytes(content)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app_env = {**env, "ATTRCLF_MODEL": hub.repos[("space", "user/attrclf-space")].variables["ATTRCLF_MODEL"]["value"],
+               "GRADIO_ANALYTICS_ENABLED": "False"}
+    server = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=space, env=app_env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = None
+        for _ in range(240):  # the first start imports torch and gradio: allow two minutes on a busy machine
+            assert server.poll() is None, server.stdout.read()
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                break
+            except Exception:  # not listening yet
+                time.sleep(0.5)
+        assert client is not None, "the Space's app.py never answered"
+        image = write_image(tmp_path / "probe.png", (40, 200, 90), (40, 40))
+        served = client.predict(handle_file(str(image)), api_name="/predict")
+    finally:
+        server.terminate()
+        output = server.communicate(timeout=60)[0]
+    assert TOKEN not in output
+    expected = Predictor.from_pretrained(str(trained[0])).predict(image)
+    assert list(served["probabilities"]) == list(expected["probabilities"])
+    assert list(served["probabilities"].values()) == pytest.approx(list(expected["probabilities"].values()), abs=1e-6)
+    assert served["present"] == expected["present"]
 
 
 def test_push_space_refuses_without_app_or_model(hub, source_root, tmp_path):
