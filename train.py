@@ -17,6 +17,7 @@ from attrclf.engine import (
     fit,
     load_training_data,
     parse_args,
+    resolve_mixed_precision,
     summary_table,
     write_outputs,
 )
@@ -24,7 +25,7 @@ from attrclf.errors import AttrclfError
 
 
 def training_function(cfg: TrainConfig) -> dict:
-    accelerator = Accelerator()
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision))
     set_seed(cfg.seed)
     threads = configure_threads(cfg, accelerator)
     data = load_training_data(cfg, accelerator)

@@ -7,6 +7,7 @@ a `save_to_disk` folder, or a Hub dataset id.
 """
 
 import csv
+import functools
 import io
 import json
 import math
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, Features, List, Value
 from datasets import Image as ImageFeature
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from timm.data import create_transform
 
 from .errors import AttrclfError
@@ -108,8 +109,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def load_image(source) -> Image.Image:
+def load_image(source, draft=None) -> Image.Image:
     """Open an image from a path, bytes, a `datasets` image dict or a PIL image; return it as RGB.
+
+    Args:
+        source: The image.
+        draft: Optional (width, height) -> (min width, min height) of the pixels needed: a JPEG then decodes at the
+            smallest DCT scale that still covers them (PIL `draft`), several times faster for large photos.
 
     Raises:
         OSError / UnidentifiedImageError / Image.DecompressionBombError when the file cannot be decoded.
@@ -121,6 +127,11 @@ def load_image(source) -> Image.Image:
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(source)
     with Image.open(source) as image:
+        if draft is not None and image.format == "JPEG":
+            rotated = image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)  # transposed after decoding
+            width, height = image.size[::-1] if rotated else image.size
+            needed = draft(width, height)
+            image.draft("RGB", needed[::-1] if rotated else needed)
         image.load()
         return to_rgb(image)
 
@@ -642,15 +653,18 @@ class BatchTransform:
         return {"pixel_values": pixel_values, "labels": batch["labels"]}
 
 
-def collate(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate(items: list[dict], channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Items -> (pixel_values (B, C, H, W), targets (B, A) float with NA as 0, mask (B, A) bool, True = known).
 
-    Items whose image failed to decode are dropped.
+    Items whose image failed to decode are dropped. `channels_last` lays the pixels out NHWC, done here in the loader's
+    workers so the training loop gets batches in the layout a channels_last model computes fastest on.
     """
     items = [item for item in items if item["pixel_values"] is not None]
     if not items:
         raise AttrclfError("every image in a batch failed to decode")
     pixel_values = torch.stack([item["pixel_values"] for item in items])
+    if channels_last:
+        pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
     labels = [item["labels"] for item in items]
     mask = torch.tensor([[v is not None for v in row] for row in labels], dtype=torch.bool)
     targets = torch.tensor([[float(v or 0) for v in row] for row in labels], dtype=torch.float32)
@@ -664,6 +678,7 @@ def make_loader(
     shuffle: bool,
     num_workers: int = 0,
     seed: int = 0,
+    channels_last: bool = False,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader of `collate` batches; training loaders drop a ragged last batch (BatchNorm needs >= 2)."""
     drop_last = shuffle and len(ds) > batch_size
@@ -675,6 +690,7 @@ def make_loader(
         drop_last=drop_last,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
-        collate_fn=collate,
+        collate_fn=functools.partial(collate, channels_last=channels_last),
         generator=generator,
+        pin_memory=torch.cuda.is_available(),
     )
