@@ -64,7 +64,7 @@ class FastEvalTransform:
     def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
         """The centre crop of the resized image, in source pixel coordinates (torchvision's rounding)."""
         new_w, new_h = self.resized_size(width, height)
-        left, top = int(round((new_w - self.width) / 2.0)), int(round((new_h - self.height) / 2.0))
+        left, top = round((new_w - self.width) / 2.0), round((new_h - self.height) / 2.0)
         sx, sy = width / new_w, height / new_h
         return left * sx, top * sy, (left + self.width) * sx, (top + self.height) * sy
 

@@ -4,7 +4,8 @@
     accelerate launch -m benchmarks.bench_train ...      # same, on what `accelerate config` set up (GPU: bf16 auto)
 
 End to end means decoding, augmentation, the forward, the backward and the optimiser step: images / wall seconds of a
-training pass over `--steps` batches (after one warm-up batch each). Stage 1 is the head-only stage (3 epochs in both
+training pass over `--steps` batches (after one warm-up batch each); in stage 2 the two recipes alternate in rounds so
+that load from other jobs on a shared machine falls on both alike. Stage 1 is the head-only stage (3 epochs in both
 recipes): the seed runs the frozen backbone on every augmented image in every epoch and validates the whole model;
 attrclf runs the backbone once per training and validation image, then trains and validates the head on the stored
 features. Stage 2 trains the head and the last backbone stage on augmented images in both. Random weights: speed does
@@ -48,66 +49,117 @@ def gpu_busy_percent() -> float | None:
         return None
 
 
-def seed_stages(cfg: seed_baseline.SeedConfig, steps: int, head_epochs: int) -> dict:
-    """The seed's head epoch (train + validate) and its stage-2 training throughput."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    names, train_loader, val_loader, pos_weight = seed_baseline.make_loaders(cfg)
-    model = seed_baseline.SeedModel(cfg.backbone, len(names)).to(device)
-    pos_weight = pos_weight.to(device)
-    out = {}
-    for stage, unfreeze in (("head", False), ("finetune", True)):
-        model.freeze_backbone(unfreeze_last_stage=unfreeze)
-        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        seed_baseline.train_epoch(model, train_loader, optimizer, pos_weight, device, max_steps=1)  # warm-up
-        row = seed_baseline.train_epoch(model, train_loader, optimizer, pos_weight, device, max_steps=steps)
-        out[f"{stage}_images_per_second"] = row["images"] / row["train_seconds"]
-        if stage == "head":
-            start = time.perf_counter()
-            seed_baseline.validate(model, val_loader, pos_weight, device)
-            val_seconds = time.perf_counter() - start
-            epoch = len(train_loader.dataset) / out["head_images_per_second"] + val_seconds
-            out.update(head_epoch_seconds=epoch, head_stage_seconds=head_epochs * epoch, val_seconds=val_seconds)
-    return out
+class SeedRunner:
+    """The seed recipe's model, loaders and optimiser, driven stage by stage."""
 
+    def __init__(self, cfg: seed_baseline.SeedConfig):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        names, self.train_loader, self.val_loader, pos_weight = seed_baseline.make_loaders(cfg)
+        self.model = seed_baseline.SeedModel(cfg.backbone, len(names)).to(self.device)
+        self.pos_weight = pos_weight.to(self.device)
 
-def attrclf_stages(cfg: TrainConfig, data, accelerator, steps: int) -> dict:
-    """attrclf's head stage (features once, then head epochs) and its stage-2 training throughput."""
-    model = build_model(cfg, data.label_names)
-    loss_fn = build_loss("bce", torch.ones(len(data.label_names))).to(accelerator.device)
-    model.set_trainable(0)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg)
-    val_loader = make_loader(data.validation, eval_transform(model.config), cfg.batch_size, False, cfg.num_workers,
-                             channels_last=cfg.channels_last)
-    train_loader = make_loader(data.train, train_transform(model.config), cfg.batch_size, True, cfg.num_workers,
-                               cfg.seed, channels_last=cfg.channels_last)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    state = {"step": 0, "history": {"iterations": {"step": [], "epoch": [], "loss": []}}}
-    head_stage, epochs = CachedHeadStage(data, cfg, val_loader), []
-    for epoch in range(cfg.head_epochs):
+    def set_stage(self, finetune: bool) -> None:
+        self.model.freeze_backbone(unfreeze_last_stage=finetune)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=1e-4 if finetune else 2e-3)
+
+    def train(self, steps: int) -> tuple[int, float]:
+        row = seed_baseline.train_epoch(self.model, self.train_loader, self.optimizer, self.pos_weight, self.device,
+                                        max_steps=steps)
+        return row["images"], row["train_seconds"]
+
+    def validate_seconds(self) -> float:
         start = time.perf_counter()
-        head_stage.run_epoch(model, optimizer, loss_fn, accelerator, state, epoch)
-        synchronize(accelerator)
-        epochs.append(time.perf_counter() - start)
-    out = {"head_first_epoch_seconds": epochs[0], "head_later_epoch_seconds": min(epochs[1:] or epochs),
-           "head_stage_seconds": sum(epochs)}
-    out["head_images_per_second"] = len(data.train) * cfg.head_epochs / sum(epochs)
-    accelerator.unwrap_model(model).set_trainable(cfg.unfreeze)
-    run = TrainConfig(**{**vars(cfg), "max_steps": 1})
-    train_one_epoch(model, train_loader, optimizer, loss_fn, accelerator, {**state, "step": 0}, run, 0)  # warm-up
-    run.max_steps = steps
-    synchronize(accelerator)
-    start = time.perf_counter()
-    train_one_epoch(model, train_loader, optimizer, loss_fn, accelerator, {**state, "step": 0}, run, 0)
-    synchronize(accelerator)
-    out["finetune_images_per_second"] = steps * cfg.batch_size * accelerator.num_processes / (
-        time.perf_counter() - start)
-    out["gpu_busy_percent_after_finetune"] = gpu_busy_percent() if accelerator.device.type == "cuda" else None
-    start = time.perf_counter()
-    evaluate(model, val_loader, loss_fn, accelerator)
-    out["val_seconds"] = time.perf_counter() - start
-    return out
+        seed_baseline.validate(self.model, self.val_loader, self.pos_weight, self.device)
+        return time.perf_counter() - start
+
+
+class AttrclfRunner:
+    """attrclf's model, loaders and optimiser as `fit` builds them, driven stage by stage."""
+
+    def __init__(self, cfg: TrainConfig, data, accelerator):
+        self.cfg, self.data, self.accelerator = cfg, data, accelerator
+        model = build_model(cfg, data.label_names)
+        self.loss_fn = build_loss("bce", torch.ones(len(data.label_names))).to(accelerator.device)
+        model.set_trainable(0)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        optimizer = make_optimizer(model, cfg)
+        val_loader = make_loader(data.validation, eval_transform(model.config), cfg.batch_size, False,
+                                 cfg.num_workers, channels_last=cfg.channels_last)
+        train_loader = make_loader(data.train, train_transform(model.config), cfg.batch_size, True, cfg.num_workers,
+                                   cfg.seed, channels_last=cfg.channels_last)
+        self.model, self.optimizer, self.train_loader, self.val_loader = accelerator.prepare(
+            model, optimizer, train_loader, val_loader)
+        self.state = {"step": 0, "history": {"iterations": {"step": [], "epoch": [], "loss": []}}}
+
+    def head_stage(self) -> list[float]:
+        """Seconds of each head epoch (train + validate); the first includes the one backbone pass."""
+        stage, seconds = CachedHeadStage(self.data, self.cfg, self.val_loader), []
+        for epoch in range(self.cfg.head_epochs):
+            start = time.perf_counter()
+            stage.run_epoch(self.model, self.optimizer, self.loss_fn, self.accelerator, self.state, epoch)
+            synchronize(self.accelerator)
+            seconds.append(time.perf_counter() - start)
+        self.accelerator.unwrap_model(self.model).set_trainable(self.cfg.unfreeze)
+        return seconds
+
+    def train(self, steps: int) -> tuple[int, float]:
+        run = TrainConfig(**{**vars(self.cfg), "max_steps": steps})
+        timed = {**self.state, "step": 0}
+        synchronize(self.accelerator)
+        start = time.perf_counter()
+        # the epoch index only labels the progress bar; the steps may stop at the end of the epoch (drop_last: full)
+        train_one_epoch(self.model, self.train_loader, self.optimizer, self.loss_fn, self.accelerator, timed, run,
+                        self.cfg.head_epochs)
+        synchronize(self.accelerator)
+        return timed["step"] * self.cfg.batch_size * self.accelerator.num_processes, time.perf_counter() - start
+
+    def validate_seconds(self) -> float:
+        start = time.perf_counter()
+        evaluate(self.model, self.val_loader, self.loss_fn, self.accelerator)
+        return time.perf_counter() - start
+
+
+def interleaved_rate(runners: dict, steps: dict, rounds: int) -> dict:
+    """img/s of each runner over `rounds` alternating rounds (after one warm-up batch each): on a shared machine the
+    other jobs' load falls on all runners alike."""
+    totals = {name: [0, 0.0] for name in runners}
+    for runner in runners.values():
+        runner.train(1)
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            images, seconds = runner.train(steps[name])
+            totals[name][0] += images
+            totals[name][1] += seconds
+    return {name: images / seconds for name, (images, seconds) in totals.items()}
+
+
+def measure(cfg: TrainConfig, seed_cfg, data, accelerator, steps: int, rounds: int) -> tuple[dict, dict]:
+    ours = AttrclfRunner(cfg, data, accelerator)
+    head = ours.head_stage()
+    attrclf = {"head_first_epoch_seconds": head[0], "head_later_epoch_seconds": min(head[1:] or head),
+               "head_stage_seconds": sum(head), "head_images_per_second": len(data.train) * len(head) / sum(head)}
+    seed = {}
+    runners = {"attrclf": ours}
+    if seed_cfg is not None:
+        runner = SeedRunner(seed_cfg)
+        runner.set_stage(finetune=False)
+        seed_rate = interleaved_rate({"seed": runner}, {"seed": steps * cfg.batch_size // 16}, 1)["seed"]
+        val_seconds = runner.validate_seconds()
+        epoch = len(data.train) / seed_rate + val_seconds
+        seed = {"head_images_per_second": len(data.train) / epoch, "head_train_images_per_second": seed_rate,
+                "head_epoch_seconds": epoch, "head_stage_seconds": cfg.head_epochs * epoch, "val_seconds": val_seconds}
+        runner.set_stage(finetune=True)
+        runners["seed"] = runner
+    per_round = max(1, steps // rounds)
+    rates = interleaved_rate(runners, {"attrclf": per_round, "seed": per_round * cfg.batch_size // 16}, rounds)
+    attrclf["finetune_images_per_second"] = rates["attrclf"]
+    attrclf["gpu_busy_percent_after_finetune"] = gpu_busy_percent() if accelerator.device.type == "cuda" else None
+    attrclf["val_seconds"] = ours.validate_seconds()
+    if seed:
+        seed["finetune_images_per_second"] = rates["seed"]
+    return attrclf, seed
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,7 +168,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--data-dir", type=Path, default=EMOJI)
     parser.add_argument("--limit-groups", type=int, default=300, help="base emoji to use (0: all 1911)")
-    parser.add_argument("--steps", type=int, default=20, help="timed training batches per stage")
+    parser.add_argument("--steps", type=int, default=20, help="timed attrclf training batches per stage (the seed "
+                        "gets as many images in batches of 16)")
+    parser.add_argument("--rounds", type=int, default=4, help="stage 2 alternates attrclf and seed in this many rounds")
     parser.add_argument("--batch-size", type=int, default=32, help="attrclf's batch (the seed's is 16)")
     parser.add_argument("--mixed-precision", default="auto")
     parser.add_argument("--num-workers", type=int, default=None, help="both recipes (default: attrclf's choice)")
@@ -136,11 +190,10 @@ def main(argv: list[str] | None = None) -> None:
         data = prepare_data(cfg.data, cfg.images, cfg.labels, None, GROUP_COLUMN, cfg.val_fraction, cfg.seed)
         val_list = Path(workdir) / "val.txt"
         val_list.write_text("\n".join(data.validation["image_name"]) + "\n")
-        ours = attrclf_stages(cfg, data, accelerator, args.steps)
-        seed = {} if args.skip_seed or not accelerator.is_main_process else seed_stages(seed_baseline.SeedConfig(
+        seed_cfg = None if args.skip_seed or accelerator.num_processes > 1 else seed_baseline.SeedConfig(
             data=str(args.data_dir), labels=str(labels), group_column=GROUP_COLUMN, val_list=str(val_list),
-            backbone=args.backbone, image_size=args.image_size, num_workers=cfg.num_workers), args.steps,
-            cfg.head_epochs)
+            backbone=args.backbone, image_size=args.image_size, num_workers=cfg.num_workers)
+        ours, seed = measure(cfg, seed_cfg, data, accelerator, args.steps, args.rounds)
     if not accelerator.is_main_process:
         return
     report(args, cfg, accelerator, data, ours, seed)
