@@ -13,6 +13,7 @@ from attrclf.engine import (
     cross_validate,
     load_training_data,
     parse_args,
+    resolve_mixed_precision,
     train_and_save,
 )
 from attrclf.errors import AttrclfError
@@ -22,7 +23,7 @@ from attrclf.hub import check_can_push, push_model
 def training_function(cfg: TrainConfig) -> dict:
     if cfg.push_to_hub:
         check_can_push(cfg.push_to_hub)  # no token or a bad id: say so now, not after training
-    accelerator = Accelerator()
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision))
     configure_threads(cfg, accelerator)
     data = load_training_data(cfg, accelerator)
     accelerator.print(

@@ -125,7 +125,14 @@ class TrainConfig:
     balanced_sampler: bool = _opt("draw training images with replacement, each weighted by its rarest KNOWN positive "
                                   "attribute: weight = known / positives of that attribute (1 with no known positive), "
                                   "capped at --pos-weight-cap", False)
-    num_workers: int | None = _opt("DataLoader worker processes (default: one per spare CPU core, at most 4)")
+    head_feature_cache: bool = _opt("in the head-only stage, run the frozen backbone once per image (un-augmented) and "
+                                    "train the head on the stored features; --no-head-feature-cache keeps "
+                                    "augmentation in stage 1 at the cost of a backbone pass per image and epoch", True)
+    mixed_precision: str = _opt("'auto' (bf16 on GPUs and on CPUs with AVX512-BF16 or AMX, else fp32), 'no', 'bf16' "
+                                "or 'fp16'", "auto", choices=["auto", "no", "bf16", "fp16"])
+    channels_last: bool = _opt("NHWC memory format for convolutional backbones (faster oneDNN / cuDNN kernels)", True)
+    num_workers: int | None = _opt("DataLoader worker processes (default: one per spare CPU core, at most 4 on CPU, "
+                                   "8 with a GPU)")
     cpu_threads: int | None = _opt("torch threads per process on CPU (default: the cores divided among the processes; "
                                    "`accelerate launch` sets OMP_NUM_THREADS=1, which would leave cores idle)")
     seed: int = _opt("random seed (split, initialisation, augmentation, order)", 42)
@@ -159,7 +166,7 @@ class TrainConfig:
         if cfg.lr_finetune is None:
             cfg.lr_finetune = cfg.lr if from_scratch else 1e-4
         if cfg.num_workers is None:
-            cfg.num_workers = min(4, max(0, (os.cpu_count() or 1) - 1))
+            cfg.num_workers = min(8 if torch.cuda.is_available() else 4, max(0, (os.cpu_count() or 1) - 1))
         if cfg.dataset_id is None and cfg.data and cfg.data.count("/") == 1 and not Path(cfg.data).exists():
             cfg.dataset_id = cfg.data  # a Hub dataset id: the card links it
         cfg.check()
@@ -247,6 +254,26 @@ def configure_threads(cfg: TrainConfig, accelerator: Accelerator) -> int:
     return threads
 
 
+def fast_cpu_bf16() -> bool:
+    """bf16 pays on a CPU only with native bf16 instructions (AVX512-BF16 or AMX); elsewhere autocast emulates it and
+    runs ~30x slower than fp32 (measured on an AVX2 EPYC)."""
+    capabilities = torch.cpu.get_capabilities()
+    return bool(capabilities.get("amx_bf16") or capabilities.get("avx512_bf16"))
+
+
+def resolve_mixed_precision(choice: str) -> str | None:
+    """--mixed-precision auto -> what `accelerate launch --mixed_precision` asked for, else bf16 where it is fast
+    (a bf16-capable GPU, or a CPU with native bf16), else "no". Explicit choices pass through."""
+    if choice != "auto":
+        return choice
+    if os.environ.get("ACCELERATE_MIXED_PRECISION", "no") != "no":
+        return None  # the launcher's setting
+    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
+    if on_cpu:
+        return "bf16" if fast_cpu_bf16() else "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "no"
+
+
 def load_training_data(cfg: TrainConfig, accelerator: Accelerator) -> AttrData:
     """The user's data, or the demo (generated once into the cache, by the main process first)."""
     data = cfg.data
@@ -312,6 +339,11 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def set_lrs(optimizer: torch.optim.Optimizer, cfg: TrainConfig, factor: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = (cfg.lr if group["part"] == "head" else cfg.lr_finetune) * factor
+
+
 def progress(iterable, accelerator: Accelerator, description: str):
     """A tqdm bar with ETA on the main process; in a log file (no terminal) it updates every 30 s, not every step."""
     interactive = sys.stderr.isatty()
@@ -339,9 +371,7 @@ def train_one_epoch(model, loader, optimizer, loss_fn, accelerator, state: dict,
     bar = progress(loader, accelerator, f"epoch {epoch + 1}/{cfg.epochs} [{stage_at(epoch, cfg)}]")
     for pixel_values, targets, mask in bar:
         pixel_values, targets, mask = prepare(pixel_values, targets, mask)
-        factor = lr_factor(state["step"], steps_per_epoch, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = (cfg.lr if group["part"] == "head" else cfg.lr_finetune) * factor
+        set_lrs(optimizer, cfg, lr_factor(state["step"], steps_per_epoch, cfg))
         logits = model(pixel_values)
         loss = loss_fn(logits, targets, mask)
         optimizer.zero_grad(set_to_none=True)
@@ -375,6 +405,101 @@ def evaluate(model, loader, loss_fn, accelerator) -> tuple[float, np.ndarray, np
     device = accelerator.device  # the loss's pos_weight lives there
     loss = loss_fn(logits.to(device), targets.to(device), mask.bool().to(device)).item()
     return loss, torch.sigmoid(logits).numpy(), targets.numpy(), mask.bool().numpy()
+
+
+# ---------------------------------------------------------------- head stage on cached backbone features
+
+
+def uses_feature_cache(cfg: TrainConfig) -> bool:
+    """The head-only stage can train on stored features when it exists and the user did not opt out."""
+    batch_level = cfg.mixup or cfg.cutmix or cfg.balanced_sampler  # they act on images / the sampler, not features
+    return cfg.head_feature_cache and not batch_level and (cfg.head_epochs > 0 or cfg.unfreeze == 0)
+
+
+@torch.no_grad()
+def backbone_features(model, loader, accelerator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, F) pooled backbone features in eval mode, with (N, A) targets and mask, gathered from every process."""
+    backbone = accelerator.unwrap_model(model).backbone
+    was_training = backbone.training
+    backbone.eval()
+    features, targets, masks = [], [], []
+    for pixel_values, target, mask in progress(loader, accelerator, "backbone features"):
+        with accelerator.autocast():
+            batch = backbone(pixel_values).float()
+        batch, target, mask = accelerator.gather_for_metrics((batch, target, mask))
+        features.append(batch)
+        targets.append(target)
+        masks.append(mask.bool())
+    backbone.train(was_training)
+    return torch.cat(features), torch.cat(targets), torch.cat(masks)
+
+
+class CachedHeadStage:
+    """The head-only stage without a backbone pass per image and epoch.
+
+    While the backbone is frozen its BatchNorm layers stay in eval mode (AttrClassifier.train) and it has no dropout,
+    so its output depends on the image alone: the backbone runs once over the training images (eval transform, no
+    augmentation: the trade-off) and once over the validation images, and each head epoch trains and validates the
+    head on those features. Validation is exact: the same logits the whole model gives. With several processes every
+    process gathers all features and runs the same seeded head updates, so they stay identical without syncing.
+    Features are computed on the first epoch, so its time includes them.
+    """
+
+    def __init__(self, data: AttrData, cfg: TrainConfig):
+        self.data, self.cfg = data, cfg
+        self.train_set = self.val_set = None
+
+    def _extract(self, model, val_loader, accelerator) -> None:
+        config = accelerator.unwrap_model(model).config
+        loader = accelerator.prepare_data_loader(make_loader(
+            self.data.train, eval_transform(config), self.cfg.batch_size, False, self.cfg.num_workers,
+            channels_last=self.cfg.channels_last))
+        self.train_set = backbone_features(model, loader, accelerator)
+        self.val_set = backbone_features(model, val_loader, accelerator)
+
+    def run_epoch(self, model, optimizer, val_loader, loss_fn, accelerator, state: dict, epoch: int):
+        """One head epoch on the features; returns (train loss, evaluate()'s tuple for validation)."""
+        if self.train_set is None:
+            self._extract(model, val_loader, accelerator)
+        head = accelerator.unwrap_model(model).head
+        train_loss = train_head_epoch(head, self.train_set, optimizer, loss_fn, accelerator, state, self.cfg, epoch)
+        return train_loss, evaluate_head(head, self.val_set, loss_fn)
+
+
+def train_head_epoch(head, train_set, optimizer, loss_fn, accelerator, state: dict, cfg: TrainConfig, epoch: int):
+    """One epoch of the head over (features, targets, mask), in batches of the global batch size; mean loss."""
+    features, targets, mask = train_set
+    batch_size = cfg.batch_size * accelerator.num_processes
+    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+    starts = range(0, len(order) - batch_size + 1 if len(order) > batch_size else 1, batch_size)
+    head.train()
+    total, count = 0.0, 0
+    for start in starts:
+        rows = order[start : start + batch_size].to(features.device)
+        set_lrs(optimizer, cfg, lr_factor(state["step"], len(starts), cfg))
+        batch_targets, batch_mask = apply_na_policy(targets[rows], mask[rows], cfg.na_policy)
+        loss = loss_fn(head(features[rows]), batch_targets, batch_mask)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        optimizer.step()
+        state["step"] += 1
+        total, count = total + loss.item(), count + 1
+        iterations = state["history"]["iterations"]
+        for key, value in (("step", state["step"]), ("epoch", epoch + 1), ("loss", loss.item())):
+            iterations[key].append(value)
+        if cfg.max_steps and state["step"] >= cfg.max_steps:
+            break
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def evaluate_head(head, val_set, loss_fn) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """evaluate()'s (loss, probs, targets, mask) from stored validation features."""
+    features, targets, mask = val_set
+    head.eval()
+    logits = head(features).float()
+    loss = loss_fn(logits, targets, mask).item()
+    return loss, torch.sigmoid(logits).cpu().numpy(), targets.cpu().numpy(), mask.cpu().numpy()
 
 
 # ---------------------------------------------------------------- the loop
@@ -413,6 +538,7 @@ class TrainingParts:
     val_loader: torch.utils.data.DataLoader
     failures: tuple[DecodeFailures, DecodeFailures]
     pos_weight: torch.Tensor
+    head_stage: "CachedHeadStage | None" = None
 
 
 @dataclass
@@ -438,10 +564,14 @@ def setup_training(model: AttrClassifier, data: AttrData, cfg: TrainConfig, acce
     failures = (DecodeFailures(data.train["image_name"]), DecodeFailures(data.validation["image_name"]))
     train_loader = make_loader(data.train, train_transform(model.config, cfg.crop_scale, cfg.hflip, cfg.color_jitter,
                                cfg.random_erasing), cfg.batch_size, True, cfg.num_workers, cfg.seed,
-                               sample_weights, failures[0])
+                               sample_weights, failures[0], channels_last=cfg.channels_last)
     val_loader = make_loader(data.validation, eval_transform(model.config), cfg.batch_size, False, cfg.num_workers,
-                             failures=failures[1])
-    return TrainingParts(model, loss_fn, make_optimizer(model, cfg), train_loader, val_loader, failures, pos_weight)
+                             failures=failures[1], channels_last=cfg.channels_last)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)  # in place: the optimizer's parameters stay the same objects
+    head_stage = CachedHeadStage(data, cfg) if uses_feature_cache(cfg) else None
+    return TrainingParts(model, loss_fn, make_optimizer(model, cfg), train_loader, val_loader, failures, pos_weight,
+                         head_stage)
 
 
 def prepare_stage(accelerator: Accelerator, parts: TrainingParts, cfg: TrainConfig, stage: str,
@@ -509,6 +639,7 @@ def fit(model: AttrClassifier, data: AttrData, cfg: TrainConfig, accelerator: Ac
         best = run_epoch(prepared, parts, data, cfg, accelerator, run, best)
         if cfg.keep_checkpoints:
             save_checkpoint(accelerator, run, best, fingerprint, cfg)
+    accelerator.unwrap_model(prepared.model).to(memory_format=torch.contiguous_format)  # safetensors saves contiguous
     run["history"]["best_epoch"] = best["epoch"]
     return FitResult(run["history"], best["epoch"], best["score"], best["state"], best["probs"], best["targets"],
                      best["mask"], best["val_loss"], run["epoch"], run["stop"] == "early_stopping", run["seconds"],
@@ -520,9 +651,13 @@ def run_epoch(prepared: Prepared, parts: TrainingParts, data: AttrData, cfg: Tra
               run: dict, best: dict | None) -> dict:
     """Train one epoch, validate, record it, update early stopping; returns the best epoch so far."""
     epoch, start = run["epoch"], time.time()
-    train_loss = train_one_epoch(prepared.model, prepared.train_loader, prepared.optimizer, parts.loss_fn, accelerator,
-                                 run, cfg, epoch)
-    val_loss, probs, targets, mask = evaluate(prepared.model, prepared.val_loader, parts.loss_fn, accelerator)
+    if parts.head_stage is not None and prepared.stage == "head":
+        train_loss, (val_loss, probs, targets, mask) = parts.head_stage.run_epoch(
+            prepared.model, prepared.optimizer, prepared.val_loader, parts.loss_fn, accelerator, run, epoch)
+    else:
+        train_loss = train_one_epoch(prepared.model, prepared.train_loader, prepared.optimizer, parts.loss_fn,
+                                     accelerator, run, cfg, epoch)
+        val_loss, probs, targets, mask = evaluate(prepared.model, prepared.val_loader, parts.loss_fn, accelerator)
     failed = take_decode_failures(parts, accelerator)
     val_map = evaluate_predictions(probs, targets, mask, data.label_names, [0.5] * len(data.label_names))["mAP"]
     score = val_map if val_map is not None else -val_loss
@@ -540,7 +675,9 @@ def run_epoch(prepared: Prepared, parts: TrainingParts, data: AttrData, cfg: Tra
         run["decode_failures"][name] = run["decode_failures"].get(name, 0) + 1
     if improved:
         state_dict = accelerator.unwrap_model(prepared.model).state_dict()
-        best = {"score": score, "epoch": epoch + 1, "state": {k: v.detach().cpu().clone() for k, v in state_dict.items()},
+        best = {"score": score, "epoch": epoch + 1,
+                "state": {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+                          for k, v in state_dict.items()},  # contiguous: safetensors stores no channels_last
                 "probs": probs, "targets": targets, "mask": mask, "val_loss": val_loss}
     run["since_best"] = 0 if improved else run["since_best"] + 1
     run["epoch"], run["seconds"] = epoch + 1, run["seconds"] + seconds

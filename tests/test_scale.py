@@ -33,7 +33,7 @@ from .conftest import REPO, write_labels_dataset
 TINY = ["--backbone", "test_resnet", "--image-size", "32", "--batch-size", "8", "--no-pretrained", "--cpu-threads", "1",
         "--group-column", "grp", "--val-fraction", "0.25"]
 OUTPUT_FILES = ["README.md", "config.json", "history.json", "loss_curve.png", "metrics.json", "model.safetensors",
-                "train_config.json"]
+                "pr_curves.png", "train_config.json"]
 
 
 @pytest.fixture(scope="module")

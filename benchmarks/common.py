@@ -1,0 +1,84 @@
+"""What every benchmark shares: the machine description, the emoji split, result files and table printing."""
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DATA = Path("benchmarks/data")
+EMOJI = DATA / "emoji"
+WEIGHTS = DATA / "mobilenetv2_100.safetensors"
+RESULTS = Path("benchmarks/results")
+GROUP_COLUMN = "base_emoji"
+
+
+def machine() -> dict:
+    """CPU, cores, GPU and library versions, and the load when the run started (others may share the machine)."""
+    info = {"cpu": torch.cpu.get_capabilities().get("cpu_name") or platform.processor(),
+            "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "cpu_bf16_native": bool(torch.cpu.get_capabilities().get("amx_bf16")
+                                    or torch.cpu.get_capabilities().get("avx512_bf16")),
+            "load_average_at_start": os.getloadavg()[0]}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def write_result(name: str, payload: dict, out_dir: Path = RESULTS) -> Path:
+    """benchmarks/results/NAME.json, written under a temporary name and renamed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path, partial = out_dir / f"{name}.json", out_dir / f".{name}.json.partial"
+    partial.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
+    os.replace(partial, path)
+    return path
+
+
+def subset_labels(data_dir: Path, out_file: Path, limit_groups: int | None, seed: int = 0) -> Path:
+    """labels.txt keeping all images of `limit_groups` randomly chosen base emoji (all of them when None)."""
+    lines = (data_dir / "labels.txt").read_text().splitlines()
+    header, rows = lines[0], lines[1:]
+    if limit_groups:
+        groups = sorted({row.split()[-1] for row in rows})
+        keep = set(np.random.default_rng(seed).permutation(groups)[:limit_groups])
+        rows = [row for row in rows if row.split()[-1] in keep]
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text("\n".join([header, *rows]) + "\n")
+    return out_file
+
+
+def hide_training_labels(labels_file: Path, validation: set[str], fraction: float, out_file: Path, seed: int = 0):
+    """A copy of labels_file with `fraction` of the known labels of training images set to NA (validation untouched)."""
+    rng = np.random.default_rng(seed)
+    lines = labels_file.read_text().splitlines()
+    out, hidden, known = [lines[0]], 0, 0
+    for line in lines[1:]:
+        tokens = line.split()
+        if tokens[0] not in validation:
+            for i in range(1, len(tokens) - 1):  # the last column is the group
+                if tokens[i] != "NA":
+                    known += 1
+                    if rng.random() < fraction:
+                        tokens[i], hidden = "NA", hidden + 1
+        out.append(" ".join(tokens))
+    out_file.write_text("\n".join(out) + "\n")
+    return hidden, known
+
+
+def table(rows: list[list], header: list[str]) -> str:
+    """A GitHub-markdown table (also readable in a terminal)."""
+    cells = [[str(c) for c in header]] + [[_cell(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
