@@ -95,10 +95,11 @@ class AttrclfRunner:
 
     def head_stage(self) -> list[float]:
         """Seconds of each head epoch (train + validate); the first includes the one backbone pass."""
-        stage, seconds = CachedHeadStage(self.data, self.cfg, self.val_loader), []
+        stage, seconds = CachedHeadStage(self.data, self.cfg), []
         for epoch in range(self.cfg.head_epochs):
             start = time.perf_counter()
-            stage.run_epoch(self.model, self.optimizer, self.loss_fn, self.accelerator, self.state, epoch)
+            stage.run_epoch(self.model, self.optimizer, self.val_loader, self.loss_fn, self.accelerator, self.state,
+                            epoch)
             synchronize(self.accelerator)
             seconds.append(time.perf_counter() - start)
         self.accelerator.unwrap_model(self.model).set_trainable(self.cfg.unfreeze)
