@@ -632,7 +632,8 @@ def fit(model: AttrClassifier, data: AttrData, cfg: TrainConfig, accelerator: Ac
         stage = stage_at(epoch, cfg)
         if epoch > 0 and stage != stage_at(epoch - 1, cfg):
             run["since_best"] = 0  # the new stage gets its own patience
-            accelerator.print(f"stage 2: unfreezing the last {cfg.unfreeze_stages} backbone stage(s) at lr {cfg.lr_finetune:g}")
+            what = "the whole backbone" if cfg.unfreeze == ALL_STAGES else f"the last {cfg.unfreeze} backbone stage(s)"
+            accelerator.print(f"stage 2: unfreezing {what} at lr {cfg.lr_finetune:g}")
         if stage != prepared.stage:
             prepared = prepare_stage(accelerator, parts, cfg, stage, prepared)
         seed_epoch(cfg, epoch, accelerator, parts)
