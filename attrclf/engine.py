@@ -362,6 +362,14 @@ def training_batch(cfg: TrainConfig):
     return prepare
 
 
+def record_step(state: dict, epoch: int, loss: float) -> None:
+    """Append the optimiser step just taken (state["step"]) and its loss to the per-iteration history."""
+    iterations = state["history"]["iterations"]
+    iterations["step"].append(state["step"])
+    iterations["epoch"].append(epoch + 1)
+    iterations["loss"].append(loss)
+
+
 def train_one_epoch(model, loader, optimizer, loss_fn, accelerator, state: dict, cfg: TrainConfig, epoch: int):
     """One pass over the training loader; appends per-iteration losses to state["history"]. Returns the mean loss."""
     model.train()
@@ -380,10 +388,7 @@ def train_one_epoch(model, loader, optimizer, loss_fn, accelerator, state: dict,
         state["step"] += 1
         value = accelerator.reduce(loss.detach(), reduction="mean").item()
         total, count = total + value, count + 1
-        iterations = state["history"]["iterations"]
-        iterations["step"].append(state["step"])
-        iterations["epoch"].append(epoch + 1)
-        iterations["loss"].append(value)
+        record_step(state, epoch, value)
         bar.set_postfix(loss=f"{value:.4f}", refresh=False)
         if cfg.max_steps and state["step"] >= cfg.max_steps:
             break
@@ -398,13 +403,17 @@ def evaluate(model, loader, loss_fn, accelerator) -> tuple[float, np.ndarray, np
     for pixel_values, targets, mask in progress(loader, accelerator, "validate"):
         logits = model(pixel_values)
         logits, targets, mask = accelerator.gather_for_metrics((logits.float(), targets, mask))
-        all_logits.append(logits.cpu())
-        all_targets.append(targets.cpu())
-        all_masks.append(mask.cpu())
-    logits, targets, mask = torch.cat(all_logits), torch.cat(all_targets), torch.cat(all_masks)
-    device = accelerator.device  # the loss's pos_weight lives there
-    loss = loss_fn(logits.to(device), targets.to(device), mask.bool().to(device)).item()
-    return loss, torch.sigmoid(logits).numpy(), targets.numpy(), mask.bool().numpy()
+        all_logits.append(logits)
+        all_targets.append(targets)
+        all_masks.append(mask.bool())
+    return validation_result(torch.cat(all_logits), torch.cat(all_targets), torch.cat(all_masks), loss_fn)
+
+
+def validation_result(logits, targets, mask, loss_fn) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """(loss, probs, targets, mask) of the whole validation set; the loss is computed where the tensors (and the
+    loss's pos_weight) live, the arrays are copied to the CPU once."""
+    loss = loss_fn(logits, targets, mask).item()
+    return loss, torch.sigmoid(logits).cpu().numpy(), targets.cpu().numpy(), mask.cpu().numpy()
 
 
 # ---------------------------------------------------------------- head stage on cached backbone features
@@ -483,10 +492,9 @@ def train_head_epoch(head, train_set, optimizer, loss_fn, accelerator, state: di
         accelerator.backward(loss)
         optimizer.step()
         state["step"] += 1
-        total, count = total + loss.item(), count + 1
-        iterations = state["history"]["iterations"]
-        for key, value in (("step", state["step"]), ("epoch", epoch + 1), ("loss", loss.item())):
-            iterations[key].append(value)
+        value = loss.item()
+        total, count = total + value, count + 1
+        record_step(state, epoch, value)
         if cfg.max_steps and state["step"] >= cfg.max_steps:
             break
     return total / max(count, 1)
@@ -497,9 +505,7 @@ def evaluate_head(head, val_set, loss_fn) -> tuple[float, np.ndarray, np.ndarray
     """evaluate()'s (loss, probs, targets, mask) from stored validation features."""
     features, targets, mask = val_set
     head.eval()
-    logits = head(features).float()
-    loss = loss_fn(logits, targets, mask).item()
-    return loss, torch.sigmoid(logits).cpu().numpy(), targets.cpu().numpy(), mask.cpu().numpy()
+    return validation_result(head(features).float(), targets, mask, loss_fn)
 
 
 # ---------------------------------------------------------------- the loop

@@ -71,7 +71,7 @@ class FastEvalTransform:
 
     def load(self, source) -> Image.Image:
         """Decode (JPEGs at a reduced scale that still covers the resized size) and convert to RGB."""
-        return load_image(source, draft=lambda w, h: self.resized_size(w, h))
+        return load_image(source, draft=self.resized_size)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """RGB PIL image -> (3, H, W) normalised float tensor."""

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from . import demo as demo_data
-from .data import load_image
+from .data import IMAGE_SUFFIXES, load_image
 from .errors import AttrclfError
 from .predict import Predictor, apply_thresholds
 
@@ -214,8 +214,6 @@ def example_images(label_names: list[str], folder: str | None) -> list[tuple[str
     """(path, caption) of the clickable examples: the images in `folder`, else generated demo images for a model
     trained on the demo, else none."""
     if folder:
-        from .data import IMAGE_SUFFIXES
-
         paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         return [(str(p), p.stem) for p in paths]
     if list(label_names) != demo_data.LABEL_NAMES:
