@@ -1,10 +1,9 @@
-"""TEMPORARY re-exports for engine.py during the split; the lead removes this file at merge.
+"""TEMPORARY re-exports for engine.py during the split; the lead removes this file at merge."""
 
-data.py was split into labels, images, sources, splits, transforms, loader, augment (and losses for the NA policy).
-engine.py, tests/test_scale.py and tests/test_speed.py still import these names from here. Four keep their old
-calling convention for engine.py only: engine.py passes arguments past the fourth by position (the new signatures
-take them by keyword) and reads label_counts as a dict (the new one returns a LabelCounts).
-"""
+# data.py was split into labels, images, sources, splits, transforms, loader, augment (and losses for the NA policy).
+# engine.py, tests/test_scale.py and tests/test_speed.py still import these names from here. Four keep their old
+# calling convention for engine.py only: engine.py passes arguments past the fourth by position (the new signatures
+# take them by keyword) and reads label_counts as a dict (the new one returns a LabelCounts).
 
 import dataclasses
 

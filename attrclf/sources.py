@@ -140,6 +140,7 @@ def load_source(
 
 
 def _load_labels_file(root: Path, images, labels, label_columns, *, group_column) -> LoadedSource:
+    """labels.txt (or --labels FILE) with its images folder (--images, else images/ beside it, else its folder)."""
     labels_path = Path(labels) if labels else (root if root.is_file() else root / "labels.txt")
     base = labels_path.parent
     images_dir = Path(images) if images else (base / "images" if (base / "images").is_dir() else base)
@@ -283,7 +284,8 @@ def load_hf_dataset(source: str, label_columns: list[str] | None, group_column: 
     return LoadedSource(out, label_names, f"dataset {source}")
 
 
-def normalise_hf_split(ds: Dataset, where: str, label_columns, group_column) -> tuple[list[str], Dataset]:
+def normalise_hf_split(ds: Dataset, where: str, label_columns: list[str] | None,
+                       group_column: str | None) -> tuple[list[str], Dataset]:
     """One split of any image dataset -> (label_names, the split in FEATURES' schema), values parsed as labels.txt's."""
     image_columns = [n for n, f in ds.features.items() if isinstance(f, ImageFeature)]
     if not image_columns:
