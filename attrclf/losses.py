@@ -3,7 +3,8 @@
 Every loss takes (B, A) logits, (B, A) targets in [0, 1] (soft after mixup) and a (B, A) bool mask, True where the
 label is known, and returns the mean over the known entries. pos_weight (A,) multiplies the positive term of each
 attribute in every loss. ASL and focal loss already rebalance easy negatives, so with them you may want
-`--pos-weight-cap 1` (every pos_weight 1).
+`--pos-weight-cap 1` (every pos_weight 1). The NA policy (`apply_na_policy`) decides, for training batches only,
+whether NA stays out of the loss or counts as a negative.
 """
 
 import torch
@@ -11,6 +12,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import AttrclfError
+
+NA_POLICIES = ("ignore", "negative")  # what training does with NA: leave it out of the loss, or call it 0
+
+
+def apply_na_policy(targets: torch.Tensor, mask: torch.Tensor, policy: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training targets and mask under --na-policy: "ignore" leaves NA out of the loss; "negative" counts it as 0.
+
+    Only training batches go through this: validation metrics and threshold tuning always skip NA.
+    """
+    if policy == "ignore":
+        return targets, mask
+    if policy == "negative":
+        return torch.where(mask, targets, torch.zeros_like(targets)), torch.ones_like(mask)
+    raise AttrclfError(f"unknown --na-policy '{policy}'; choose one of: {', '.join(NA_POLICIES)}")
 
 
 def known_only(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +87,7 @@ class AsymmetricLoss(nn.Module):
     """
 
     def __init__(self, pos_weight: torch.Tensor | None = None, gamma_neg: float = 4.0, gamma_pos: float = 0.0,
-                 clip: float = 0.05, detach_focal_weight: bool = False):
+                 clip: float = 0.05, *, detach_focal_weight: bool = False):
         super().__init__()
         if gamma_neg < 0 or gamma_pos < 0 or not 0 <= clip < 1:
             raise AttrclfError(f"ASL needs gammas >= 0 and 0 <= clip < 1 (got gamma_neg={gamma_neg}, "

@@ -19,8 +19,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from . import demo as demo_data
-from .data import IMAGE_SUFFIXES, load_image
 from .errors import AttrclfError
+from .images import IMAGE_SUFFIXES, load_image
 from .predict import Predictor, apply_thresholds
 
 TABLE_HEADERS = ["Attribute", "Probability", "Threshold", "Status"]
@@ -115,7 +115,7 @@ def load_predictor(model: str | None, threads: int | None = None) -> tuple[Predi
 
 
 def read_upload(path: str | os.PathLike, name: str | None = None) -> Image.Image:
-    """An uploaded file as RGB, decoded like training decodes it (attrclf.data.load_image: EXIF, alpha, 16-bit, CMYK).
+    """An uploaded file as RGB, decoded like training decodes it (attrclf.images.load_image: EXIF, alpha, 16-bit, CMYK).
 
     Raises:
         AttrclfError: empty file, not an image, or more pixels than PIL's MAX_IMAGE_PIXELS (a decompression bomb).

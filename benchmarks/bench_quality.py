@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from attrclf.data import prepare_data
 from attrclf.metrics import evaluate_predictions
+from attrclf.sources import prepare_data
 
 from .common import (
     EMOJI,
@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     labels = subset_labels(args.data_dir, args.out_dir / "labels.txt", args.limit_groups or None)
-    data = prepare_data(args.data_dir, args.data_dir / "images", labels, None, GROUP_COLUMN, 0.2, args.seed)
+    data = prepare_data(args.data_dir, args.data_dir / "images", labels, group_column=GROUP_COLUMN, val_fraction=0.2,
+                        seed=args.seed)
     val_list = args.out_dir / "val.txt"
     val_list.write_text("\n".join(data.validation["image_name"]) + "\n")
     hidden, known = hide_training_labels(labels, set(data.validation["image_name"]), args.hide,

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from attrclf.data import eval_transform, make_loader, prepare_data, train_transform
 from attrclf.engine import (
     CachedHeadStage,
     TrainConfig,
@@ -31,7 +30,10 @@ from attrclf.engine import (
     resolve_mixed_precision,
     train_one_epoch,
 )
+from attrclf.loader import make_loader
 from attrclf.losses import build_loss
+from attrclf.sources import prepare_data
+from attrclf.transforms import eval_transform, train_transform
 
 from . import seed_baseline
 from .common import EMOJI, GROUP_COLUMN, subset_labels, table, write_result
@@ -86,9 +88,9 @@ class AttrclfRunner:
             model.to(memory_format=torch.channels_last)
         optimizer = make_optimizer(model, cfg)
         val_loader = make_loader(data.validation, eval_transform(model.config), cfg.batch_size, False,
-                                 cfg.num_workers, channels_last=cfg.channels_last)
-        train_loader = make_loader(data.train, train_transform(model.config), cfg.batch_size, True, cfg.num_workers,
-                                   cfg.seed, channels_last=cfg.channels_last)
+                                 num_workers=cfg.num_workers, channels_last=cfg.channels_last)
+        train_loader = make_loader(data.train, train_transform(model.config), cfg.batch_size, True,
+                                   num_workers=cfg.num_workers, seed=cfg.seed, channels_last=cfg.channels_last)
         self.model, self.optimizer, self.train_loader, self.val_loader = accelerator.prepare(
             model, optimizer, train_loader, val_loader)
         self.state = {"step": 0, "history": {"iterations": {"step": [], "epoch": [], "loss": []}}}
@@ -188,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
                           mixed_precision=args.mixed_precision).resolve()
         cfg.pretrained = False  # speed only: random weights, but the pretrained recipe's stages
         configure_threads(cfg, accelerator)
-        data = prepare_data(cfg.data, cfg.images, cfg.labels, None, GROUP_COLUMN, cfg.val_fraction, cfg.seed)
+        data = prepare_data(cfg.data, cfg.images, cfg.labels, group_column=GROUP_COLUMN,
+                            val_fraction=cfg.val_fraction, seed=cfg.seed)
         val_list = Path(workdir) / "val.txt"
         val_list.write_text("\n".join(data.validation["image_name"]) + "\n")
         seed_cfg = None if args.skip_seed or accelerator.num_processes > 1 else seed_baseline.SeedConfig(

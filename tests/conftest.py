@@ -75,3 +75,12 @@ def saved_model(tmp_path_factory, tiny_model_factory):
     model.eval()
     model.save_pretrained(folder)
     return folder, model
+
+
+def error_of(call) -> str:
+    """The message of the AttrclfError that `call()` raises (the test fails if it raises none)."""
+    from attrclf.errors import AttrclfError
+
+    with pytest.raises(AttrclfError) as info:
+        call()
+    return str(info.value)

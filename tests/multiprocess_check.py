@@ -15,10 +15,12 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from attrclf import AttrClassifier
-from attrclf.data import eval_transform, make_loader, prepare_data
 from attrclf.engine import TrainConfig, build_model, evaluate, fit
+from attrclf.loader import make_loader
 from attrclf.losses import build_loss
 from attrclf.metrics import evaluate_predictions
+from attrclf.sources import prepare_data
+from attrclf.transforms import eval_transform
 
 
 def evaluate_saved_model(model_dir: str, data, accelerator: Accelerator, batch_size: int,

@@ -1,24 +1,15 @@
-"""Training-only batch changes: --na-policy, mixup / CutMix, the balanced sampler."""
+"""attrclf.augment: mixup / CutMix on hand batches, and the training options end to end.
+
+The NA policy: tests/test_losses.py; the balanced sampler: tests/test_loader.py.
+"""
 
 import json
 
 import numpy as np
 import pytest
 import torch
-from accelerate.data_loader import prepare_data_loader
-from datasets import Dataset
 
-from attrclf.data import (
-    BatchMixer,
-    apply_na_policy,
-    balanced_sample_weights,
-    compute_pos_weight,
-    cutmix,
-    cutmix_box,
-    make_loader,
-    mixup,
-    training_counts,
-)
+from attrclf.augment import BatchMixer, cutmix, cutmix_box, mix_known, mixup
 from attrclf.engine import TrainConfig, training_batch
 from attrclf.errors import AttrclfError
 
@@ -34,31 +25,6 @@ def hand_batch():
     return pixel_values, targets, mask
 
 
-# ---------------------------------------------------------------- --na-policy
-
-
-def test_na_policy_ignore_keeps_the_mask_and_negative_makes_na_a_known_zero():
-    targets = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-    mask = torch.tensor([[True, True, False], [False, True, True]])
-    same_targets, same_mask = apply_na_policy(targets, mask, "ignore")
-    assert torch.equal(same_targets, targets) and torch.equal(same_mask, mask)
-    negative_targets, negative_mask = apply_na_policy(targets, mask, "negative")
-    assert torch.equal(negative_targets, torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
-    assert negative_mask.all()
-    with pytest.raises(AttrclfError, match="--na-policy"):
-        apply_na_policy(targets, mask, "positive")
-
-
-def test_na_policy_negative_counts_na_as_negative_for_pos_weight():
-    labels = [[1, None], [0, None], [None, 1], [None, 0]]
-    ignore = training_counts(labels, 2, "ignore")
-    negative = training_counts(labels, 2, "negative")
-    assert ignore["negative"] == [1, 1] and ignore["na"] == [2, 2]
-    assert negative["positive"] == [1, 1] and negative["negative"] == [3, 3] and negative["na"] == [0, 0]
-    assert compute_pos_weight(negative, ["a", "b"])[0].tolist() == [3.0, 3.0]
-    assert compute_pos_weight(ignore, ["a", "b"])[0].tolist() == [1.0, 1.0]
-
-
 # ---------------------------------------------------------------- mixup / CutMix
 
 
@@ -69,6 +35,12 @@ def test_mixup_blends_each_image_with_its_mirror_and_keeps_only_entries_known_in
     assert torch.allclose(mixed[:, 0, 0, 0], torch.tensor([0.7 * 0 + 0.3 * 20, 10.0, 0.7 * 20 + 0.3 * 0]))
     assert torch.allclose(mixed_targets, torch.tensor([[0.7, 0.3], [0.0, 0.0], [0.3, 0.7]]))
     assert torch.equal(mixed_mask, torch.tensor([[False, True], [True, False], [False, True]]))
+
+
+def test_mix_known_ignores_a_source_of_weight_zero():
+    mask = torch.tensor([[True, False], [False, False], [True, True]])  # partner of row i is row 2 - i
+    assert mix_known(mask, 0.5).tolist() == [[True, False], [False, False], [True, False]]
+    assert torch.equal(mix_known(mask, 1.0), mask) and torch.equal(mix_known(mask, 0.0), mask.flip(0))
 
 
 def test_mixup_with_lam_one_is_the_identity():
@@ -116,8 +88,10 @@ def test_batch_mixer_with_both_picks_each_about_half_the_time():
         # CutMix leaves image 0 made of only 0 and 20; mixup gives values strictly between them everywhere
         kinds.append("cutmix" if set(mixed[0].unique().tolist()) <= {0.0, 20.0} else "mixup")
     assert 70 <= kinds.count("cutmix") <= 130
+    with pytest.raises(AttrclfError, match="--mixup and --cutmix must be >= 0"):
+        BatchMixer(mixup_alpha=-0.1)
     off = BatchMixer(0.0, 0.0)(pixel_values, targets, mask)
-    assert all(torch.equal(a, b) for a, b in zip(off, (pixel_values, targets, mask)))
+    assert all(torch.equal(a, b) for a, b in zip(off, (pixel_values, targets, mask), strict=True))
 
 
 def test_training_batch_applies_na_policy_before_mixing():
@@ -139,48 +113,10 @@ def test_bad_mixing_and_policy_flags_are_clear_errors():
         TrainConfig(loss="asl", asl_clip=2.0).resolve()
 
 
-# ---------------------------------------------------------------- balanced sampler
-
-
-def test_balanced_weights_come_from_the_rarest_known_positive():
-    # attribute a: 1 positive of 4 known (weight 4); b: 2 of 3 known (1.5); NA never counts
-    labels = [[1, 1], [0, 1], [0, None], [0, 0], [None, None]]
-    assert balanced_sample_weights(labels, 2) == [4.0, 1.5, 1.0, 1.0, 1.0]
-    assert balanced_sample_weights(labels, 2, cap=2.0) == [2.0, 1.5, 1.0, 1.0, 1.0]
-
-
-def rare_dataset(n=100, rare=10):
-    """n rows; the first `rare` are positive for a rare attribute (1 in 10), the rest have no positive."""
-    labels = [[1, 0] if i < rare else [0, None] for i in range(n)]
-    return Dataset.from_dict({"image": [None] * n, "labels": labels})
-
-
-def test_balanced_sampler_draws_rare_positives_more_often():
-    ds = rare_dataset()
-    weights = balanced_sample_weights(ds["labels"], 2)
-    assert weights[:10] == [10.0] * 10 and weights[10:] == [1.0] * 90
-    loader = make_loader(ds, None, 10, True, seed=3, sample_weights=weights)
-    draws = np.concatenate([list(loader.sampler) for _ in range(20)])  # 2000 draws
-    # expected share of the rare images: 10 * 10 / (10 * 10 + 90 * 1) = 0.526 (binomial sd 0.011); shuffling: 0.1
-    assert len(draws) == 2000 and 0.47 < np.mean(draws < 10) < 0.58
-    again = make_loader(ds, None, 10, True, seed=3, sample_weights=weights)
-    assert list(again.sampler) == list(draws[:100])  # seeded
-
-
-def test_balanced_sampler_is_sharded_by_accelerate_without_overlap():
-    ds = rare_dataset()
-    weights = balanced_sample_weights(ds["labels"], 2)
-    whole = list(make_loader(ds, None, 10, True, seed=5, sample_weights=weights).batch_sampler)
-    ranks = [list(prepare_data_loader(make_loader(ds, None, 10, True, seed=5, sample_weights=weights),
-                                      num_processes=2, process_index=rank).batch_sampler) for rank in (0, 1)]
-    # each process gets every other batch of the same draw: together exactly the one-process epoch
-    assert len(ranks[0]) == len(ranks[1]) == 5
-    assert [batch for pair in zip(*ranks) for batch in pair] == whole
-
-
 # ---------------------------------------------------------------- from the command line
 
 
+@pytest.mark.slow
 def test_training_options_from_accelerate_launch(tmp_path):
     # attribute "rare": 1 in 6 positive; "patchy": NA on every third image
     lines = ["img rare patchy"] + [f"i{n:02d}.png {int(n % 6 == 0)} {'NA' if n % 3 == 0 else n % 2}" for n in range(48)]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from attrclf.errors import AttrclfError
-from attrclf.losses import AsymmetricLoss, FocalLoss, MaskedBCEWithLogits, build_loss
+from attrclf.losses import NA_POLICIES, AsymmetricLoss, FocalLoss, MaskedBCEWithLogits, apply_na_policy, build_loss
 
 
 def bce(logit, target, pos_weight=1.0):
@@ -97,7 +97,8 @@ def test_asl_matches_hand_computation():
     logits = torch.tensor([[0.5, -1.0, -4.0, 7.0]])
     targets = torch.tensor([[0.0, 1.0, 0.0, 1.0]])
     mask = torch.tensor([[True, True, True, False]])
-    loss = AsymmetricLoss(torch.tensor([1.0, 3.0, 1.0, 1.0]), gamma_neg=4, gamma_pos=1, clip=0.05)(logits, targets, mask)
+    loss_fn = AsymmetricLoss(torch.tensor([1.0, 3.0, 1.0, 1.0]), gamma_neg=4, gamma_pos=1, clip=0.05)
+    loss = loss_fn(logits, targets, mask)
     p1, p2 = sigmoid(0.5) - 0.05, sigmoid(-1.0)
     expected = (-(p1**4) * math.log(1 - p1) - 3 * (1 - p2) * math.log(p2) + 0.0) / 3
     assert math.isclose(loss.item(), expected, rel_tol=1e-5)
@@ -165,3 +166,30 @@ def test_bad_loss_settings_are_clear_errors():
         build_loss("asl", clip=1.5)
     with pytest.raises(AttrclfError, match="alpha"):
         build_loss("focal", alpha=2.0)
+
+
+# ---------------------------------------------------------------- --na-policy (training batches only)
+
+
+def test_na_policy_ignore_keeps_the_mask_and_negative_makes_na_a_known_zero():
+    targets = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [False, True, True]])
+    same_targets, same_mask = apply_na_policy(targets, mask, "ignore")
+    assert torch.equal(same_targets, targets) and torch.equal(same_mask, mask)
+    negative_targets, negative_mask = apply_na_policy(targets, mask, "negative")
+    assert torch.equal(negative_targets, torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    assert negative_mask.all()
+    with pytest.raises(AttrclfError, match="--na-policy"):
+        apply_na_policy(targets, mask, "positive")
+
+
+def test_na_policies_are_the_two_that_apply_na_policy_knows():
+    targets, mask = torch.tensor([[1.0, 0.0]]), torch.tensor([[True, False]])
+    assert NA_POLICIES == ("ignore", "negative")
+    for policy in NA_POLICIES:
+        apply_na_policy(targets, mask, policy)
+
+
+def test_detach_focal_weight_is_passed_by_name():
+    with pytest.raises(TypeError):
+        AsymmetricLoss(None, 4.0, 0.0, 0.05, True)

@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from attrclf import AttrclfError, Predictor
-from attrclf.data import eval_transform, load_image
+from attrclf.images import load_image
 from attrclf.predict import main
+from attrclf.transforms import eval_transform
 
 from .conftest import REPO, write_image
 
