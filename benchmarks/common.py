@@ -3,6 +3,7 @@
 import json
 import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -82,3 +83,60 @@ def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
     return str(value)
+
+
+# ---------------------------------------------------------------- labelled sets with a group column (bench_quality)
+
+TABLER = DATA / "tabler"
+DATASETS = {"emoji": (EMOJI, "base_emoji"), "tabler": (TABLER, "base_icon")}  # name -> (folder, group column)
+
+
+@dataclass
+class LabelTable:
+    """A labels.txt whose last column is the group: header tokens and rows of tokens (image, labels..., group)."""
+
+    header: list[str]
+    rows: list[list[str]]
+
+    @classmethod
+    def read(cls, path: Path) -> "LabelTable":
+        lines = [line.split() for line in path.read_text().splitlines() if line.strip()]
+        return cls(lines[0], lines[1:])
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.header[1:-1]
+
+    def select(self, names: set[str]) -> "LabelTable":
+        return LabelTable(self.header, [row for row in self.rows if row[0] in names])
+
+    def groups(self) -> list[str]:
+        return [row[-1] for row in self.rows]
+
+    def names(self) -> list[str]:
+        return [row[0] for row in self.rows]
+
+    def targets(self) -> np.ndarray:
+        """(N, A) int: 1, 0, or -1 for NA."""
+        return np.array([[-1 if v == "NA" else int(v) for v in row[1:-1]] for row in self.rows], dtype=np.int64)
+
+    def write(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(" ".join(tokens) for tokens in [self.header, *self.rows]) + "\n")
+        return path
+
+
+def grouped_split(groups: list[str], fraction: float, seed: int) -> np.ndarray:
+    """Rows (bool) of the held-out side: groups in seeded random order until `fraction` of the rows is taken.
+
+    The same rule as train.py's split by --group-column (attrclf's split_by_group, copied rather than imported so that
+    the benchmark holds no attrclf internals): bench_quality checks each run's validation counts in metrics.json
+    against this, so a change in attrclf's rule shows up as a failed check instead of an unfair comparison.
+    """
+    unique, inverse, sizes = np.unique(np.asarray(groups), return_inverse=True, return_counts=True)
+    held_out, taken = np.zeros(len(unique), dtype=bool), 0
+    for g in np.random.default_rng(seed).permutation(len(unique)):
+        if taken >= fraction * len(groups):
+            break
+        held_out[g], taken = True, taken + sizes[g]
+    return held_out[inverse]
