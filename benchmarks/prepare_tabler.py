@@ -1,4 +1,4 @@
-"""Real data with small, local attributes: the Tabler icons (npm `@tabler/icons`), rasterised, with attributes from names.
+"""Real data with small, local attributes: the Tabler icons (npm `@tabler/icons`) rasterised, attributes from names.
 
     python -m benchmarks.prepare_tabler [--out-dir benchmarks/data/tabler] [--size 64] [--npm-dir ~/.cache/attrclf/npm]
 
@@ -125,8 +125,9 @@ def write_dataset(found: list[dict], out_dir: Path, size: int) -> None:
     lines, records = [" ".join(["image_name", *LABEL_NAMES, GROUP_COLUMN])], []
     for entry in found:
         rasterise(entry["source"], size).save(staging / "images" / entry["name"])
-        lines.append(" ".join([entry["name"], *("NA" if v is None else str(v) for v in entry["labels"]), entry["base"]]))
-        records.append(json.dumps({"file_name": entry["name"], **dict(zip(LABEL_NAMES, entry["labels"])),
+        values = ["NA" if v is None else str(v) for v in entry["labels"]]
+        lines.append(" ".join([entry["name"], *values, entry["base"]]))
+        records.append(json.dumps({"file_name": entry["name"], **dict(zip(LABEL_NAMES, entry["labels"], strict=True)),
                                    GROUP_COLUMN: entry["base"]}))
     (staging / "labels.txt").write_text("\n".join(lines) + "\n")
     (staging / "images" / "metadata.jsonl").write_text("\n".join(records) + "\n")

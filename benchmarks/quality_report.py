@@ -25,9 +25,9 @@ def mean_std(values) -> tuple[float | None, float | None, int]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, len(values)
 
 
-def fmt(stats, scale: float = 1.0) -> str:
-    mean, std, n = stats
-    return "n/a" if mean is None else f"{mean * scale:.3f} ± {std * scale:.3f}"
+def fmt(stats, digits: int = 3) -> str:
+    mean, std, _ = stats
+    return "n/a" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def switch_dip(curve: list[dict]) -> float | None:
@@ -100,7 +100,7 @@ def report(args, split, specs, results) -> None:
           f"{args.image_size} px; mean ± std (ddof=1) over seeds")
     rows = [[f"{r} {ls}", *(fmt(summary[r, ls][k]) for k in ("mAP", "f1_at_0.5", "f1_own_thresholds", "f1_crossfit",
                                                                 "crossfit_gain", "switch_dip")),
-             fmt(summary[r, ls]["best_epoch"]), fmt(summary[r, ls]["train_seconds"])]
+             fmt(summary[r, ls]["best_epoch"], 1), fmt(summary[r, ls]["train_seconds"], 0)]
             for ls in label_sets for r in recipes]
     print(table(rows, ["run", "test mAP", "macro-F1 @0.5", "@own thresholds", "tuned (cross-fit)",
                        "cross-fit - @0.5", "switch dip (val)", "best epoch", "train s"]))
