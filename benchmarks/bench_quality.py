@@ -288,8 +288,11 @@ def main(argv: list[str] | None = None) -> None:
              for label_set in args.label_sets for seed in args.seeds for variant, flags in recipes.items()]
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = dict(zip([s.name for s in specs], pool.map(lambda s: run_or_reuse(args, s, split), specs),
-                           strict=True))
+        futures = [pool.submit(run_or_reuse, args, s, split) for s in specs]
+    failed = [f.exception() for f in futures if f.exception() is not None]
+    if failed:  # the finished runs are saved: the same command resumes after the fix
+        sys.exit("error: " + "\n\nerror: ".join(str(e) for e in failed))
+    results = {s.name: f.result() for s, f in zip(specs, futures, strict=True)}
     print(f"all runs: {time.perf_counter() - start:.0f} s wall")
     from .quality_report import report
 
