@@ -16,8 +16,10 @@ cross-fitted on the test images (tuned on one half, scored on the other).
 Runs: each `--variant NAME=FLAGS` (train.py flags; `default=` is today's defaults) and the seed recipe (`seed`), each
 with the full labels and with a further `--hide` (50%) of the known TRAINING labels hidden (validation and test
 untouched), each for every `--seeds` value. `--jobs 2` runs two trainings at once with `--threads` (cores / jobs)
-torch threads each. A finished run's bench_result.json is reused when the same run (recipe, flags, seed, epochs, size,
-backbone, the exact label / validation / test lists) is asked for again, so a campaign can be split across sessions.
+torch threads each. A finished run's bench_result.json is reused when the same run (recipe, a hash of its code, flags,
+seed, epochs, size, backbone, the exact label / validation / test lists) is asked for again, so a campaign can be split
+across sessions; a change in attrclf/ or train.py reruns the attrclf runs. "attrclf before" is the same command in a
+checkout of the earlier commit with its own --out-dir.
 
 Writes benchmarks/results/quality_TAG/ (runs/, split files), quality_TAG.json and quality_TAG_curves.png (per-epoch
 validation mAP of every run), TAG = dataset, groups, epochs and size.
@@ -92,6 +94,16 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def code_hash(recipe: str) -> str:
+    """Hash of the code a recipe runs (working tree): a changed attrclf or seed recipe never reuses an old result."""
+    files = [REPO / "benchmarks" / "seed_baseline.py"] if recipe == SEED_RECIPE else \
+        [REPO / "train.py", *sorted((REPO / "attrclf").rglob("*.py"))]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def make_split(args, out: Path) -> Split:
     """Test split (fixed), train+validation labels, and per seed the validation list and the hidden-labels file."""
     data_dir, _ = DATASETS[args.dataset]
@@ -137,7 +149,8 @@ def hide_training_labels(labels: LabelTable, validation: set[str], fraction: flo
 
 def run_key(args, spec: RunSpec, split: Split) -> dict:
     """What makes two runs the same run (threads and jobs do not: they change speed, not what is learned)."""
-    return {"recipe": "seed" if spec.flags is None else "attrclf", "flags": spec.flags, "seed": spec.seed,
+    recipe = SEED_RECIPE if spec.flags is None else "attrclf"
+    return {"recipe": recipe, "code": code_hash(recipe), "flags": spec.flags, "seed": spec.seed,
             "epochs": args.epochs, "image_size": args.image_size, "backbone": args.backbone,
             "labels": sha(spec.labels_file), "val": sha(spec.val_list), "test": sha(split.test_list),
             "weights": args.weights.name}
