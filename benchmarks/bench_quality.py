@@ -42,7 +42,7 @@ import numpy as np
 from attrclf import Predictor
 from attrclf.metrics import evaluate_predictions
 
-from .common import DATASETS, RESULTS, WEIGHTS, LabelTable, grouped_split, machine
+from .common import DATASETS, RESULTS, WEIGHTS, LabelTable, grouped_split, hide_training_labels, machine
 
 REPO = Path(__file__).resolve().parent.parent
 SEED_RECIPE = "seed"
@@ -131,20 +131,6 @@ def make_split(args, out: Path) -> Split:
         labels_files["hidden", seed] = hide_training_labels(trainval, val_names, args.hide, seed).write(
             out / f"trainval_hidden_s{seed}.txt")
     return Split(trainval, test, test_list, labels_files, val_lists)
-
-
-def hide_training_labels(labels: LabelTable, validation: set[str], fraction: float, seed: int) -> LabelTable:
-    """A copy with `fraction` of the known labels of the non-validation rows set to NA (seeded)."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for row in labels.rows:
-        row = list(row)
-        if row[0] not in validation:
-            for i in range(1, len(row) - 1):  # the last column is the group
-                if row[i] != "NA" and rng.random() < fraction:
-                    row[i] = "NA"
-        rows.append(row)
-    return LabelTable(labels.header, rows)
 
 
 def run_key(args, spec: RunSpec, split: Split) -> dict:

@@ -50,24 +50,6 @@ def subset_labels(data_dir: Path, out_file: Path, limit_groups: int | None, seed
     return out_file
 
 
-def hide_training_labels(labels_file: Path, validation: set[str], fraction: float, out_file: Path, seed: int = 0):
-    """A copy of labels_file with `fraction` of the known labels of training images set to NA (validation untouched)."""
-    rng = np.random.default_rng(seed)
-    lines = labels_file.read_text().splitlines()
-    out, hidden, known = [lines[0]], 0, 0
-    for line in lines[1:]:
-        tokens = line.split()
-        if tokens[0] not in validation:
-            for i in range(1, len(tokens) - 1):  # the last column is the group
-                if tokens[i] != "NA":
-                    known += 1
-                    if rng.random() < fraction:
-                        tokens[i], hidden = "NA", hidden + 1
-        out.append(" ".join(tokens))
-    out_file.write_text("\n".join(out) + "\n")
-    return hidden, known
-
-
 def table(rows: list[list], header: list[str]) -> str:
     """A GitHub-markdown table (also readable in a terminal)."""
     cells = [[str(c) for c in header]] + [[_cell(c) for c in row] for row in rows]
@@ -140,3 +122,17 @@ def grouped_split(groups: list[str], fraction: float, seed: int) -> np.ndarray:
             break
         held_out[g], taken = True, taken + sizes[g]
     return held_out[inverse]
+
+
+def hide_training_labels(labels: LabelTable, validation: set[str], fraction: float, seed: int) -> LabelTable:
+    """A copy with `fraction` of the known labels of the non-validation rows set to NA (seeded)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for row in labels.rows:
+        row = list(row)
+        if row[0] not in validation:
+            for i in range(1, len(row) - 1):  # the last column is the group
+                if row[i] != "NA" and rng.random() < fraction:
+                    row[i] = "NA"
+        rows.append(row)
+    return LabelTable(labels.header, rows)
