@@ -1,149 +1,301 @@
-"""Quality on real data: attrclf vs the seed recipe on emoji with MobileNetV2-ImageNet, same split, backbone, epochs.
+"""Quality on real data, scored on a held-out TEST split: attrclf variants vs the seed recipe, over several seeds.
 
-    python -m benchmarks.prepare_emoji && python -m benchmarks.prepare_weights    # once
-    python -m benchmarks.bench_quality [--epochs 30] [--limit-groups 0] [--launcher accelerate]
+    python -m benchmarks.prepare_emoji && python -m benchmarks.prepare_tabler && python -m benchmarks.prepare_weights
+    python -m benchmarks.bench_quality --dataset emoji|tabler [--seeds 0 1 2] [--variant NAME=TRAIN_FLAGS ...]
+        [--jobs 2] [--epochs 12] [--image-size 128] [--limit-groups 0]
 
-Four trainings, each in its own process: attrclf (`train.py`) and the seed recipe (`benchmarks/seed_baseline.py`), on
-the full labels and with a further 50% of the known training labels hidden at random (validation labels untouched).
-Both validate on the same images: attrclf's grouped split (by base emoji), handed to the baseline as a list. Both are
-scored by the same code (attrclf.metrics) on their own best epoch's validation probabilities: masked mAP, macro-F1 at
-0.5, at thresholds tuned on the validation images (optimistic) and cross-fitted (tuned on one half, scored on the
-other: honest), per-attribute AP; and the wall time for attrclf to first reach the baseline's best validation mAP.
+The data set is split once, grouped (base emoji / base icon) and with a fixed seed that no training seed changes, into
+train+validation and TEST. Every training sees only the train+validation labels: train.py makes its own grouped
+validation split from them (by its --seed), and the seed recipe (benchmarks/seed_baseline.py) is handed the same
+validation images as a list. Each run stops early, picks its best epoch and (attrclf) tunes thresholds on that
+validation split only; then attrclf's saved folder is loaded with `attrclf.Predictor` and the seed recipe writes its
+best model's probabilities, both on the TEST images, and attrclf.metrics scores them: mAP, per-attribute AP, macro-F1
+at 0.5, at the run's own thresholds (attrclf: config.json's, tuned on validation; seed: 0.5, as the seed does) and
+cross-fitted on the test images (tuned on one half, scored on the other).
+
+Runs: each `--variant NAME=FLAGS` (train.py flags; `default=` is today's defaults) and the seed recipe (`seed`), each
+with the full labels and with a further `--hide` (50%) of the known TRAINING labels hidden (validation and test
+untouched), each for every `--seeds` value. `--jobs 2` runs two trainings at once with `--threads` (cores / jobs)
+torch threads each. A finished run's bench_result.json is reused when the same run (recipe, a hash of its code, flags,
+seed, epochs, size, backbone, the exact label / validation / test lists) is asked for again, so a campaign can be split
+across sessions; a change in attrclf/ or train.py reruns the attrclf runs. "attrclf before" is the same command in a
+checkout of the earlier commit with its own --out-dir.
+
+Writes benchmarks/results/quality_TAG/ (runs/, split files), quality_TAG.json and quality_TAG_curves.png (per-epoch
+validation mAP of every run), TAG = dataset, groups, epochs and size.
 """
 
 import argparse
+import hashlib
 import json
+import os
+import shlex
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from attrclf import Predictor
 from attrclf.metrics import evaluate_predictions
-from attrclf.sources import prepare_data
 
-from .common import (
-    EMOJI,
-    GROUP_COLUMN,
-    RESULTS,
-    WEIGHTS,
-    hide_training_labels,
-    subset_labels,
-    table,
-    write_result,
-)
+from .common import DATASETS, RESULTS, WEIGHTS, LabelTable, grouped_split, hide_training_labels, machine
 
 REPO = Path(__file__).resolve().parent.parent
+SEED_RECIPE = "seed"
+LABEL_SETS = ("full", "hidden")
 
 
-def run(command: list[str], log: Path) -> None:
-    print("$", " ".join(command), flush=True)
+@dataclass
+class Split:
+    """The files a run trains on: train+validation labels (full or hidden), and what only the scorer sees."""
+
+    trainval: LabelTable
+    test: LabelTable
+    test_list: Path
+    labels_files: dict  # (label set, seed) -> labels file
+    val_lists: dict  # seed -> validation image list (train.py's own split, mirrored)
+
+
+@dataclass
+class RunSpec:
+    variant: str
+    label_set: str
+    seed: int
+    flags: list[str] | None  # train.py flags; None for the seed recipe
+    labels_file: Path
+    val_list: Path
+    dir: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant} {self.label_set} s{self.seed}"
+
+
+@dataclass
+class RunResult:
+    """One run's bench_result.json (reused on a rerun with an equal key)."""
+
+    key: dict
+    test: dict  # evaluate_predictions on the test images
+    curve: list  # per epoch: {"epoch", "stage", "val_mAP", "elapsed"}
+    best_epoch: int
+    epochs_run: int
+    train_seconds: float
+    wall_seconds: float
+    split_check: str | None = None  # attrclf: does metrics.json's validation split match the mirrored one?
+    extra: dict = field(default_factory=dict)
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def code_hash(recipe: str) -> str:
+    """Hash of the code a recipe runs (working tree): a changed attrclf or seed recipe never reuses an old result."""
+    files = [REPO / "benchmarks" / "seed_baseline.py"] if recipe == SEED_RECIPE else \
+        [REPO / "train.py", *sorted((REPO / "attrclf").rglob("*.py"))]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def make_split(args, out: Path) -> Split:
+    """Test split (fixed), train+validation labels, and per seed the validation list and the hidden-labels file."""
+    data_dir, _ = DATASETS[args.dataset]
+    if not (data_dir / "labels.txt").is_file():
+        sys.exit(f"error: {data_dir}/labels.txt not found: run python -m benchmarks.prepare_{args.dataset} first")
+    table_all = LabelTable.read(data_dir / "labels.txt")
+    if args.limit_groups:
+        groups = sorted(set(table_all.groups()))
+        keep = set(np.random.default_rng(args.test_seed).permutation(groups)[: args.limit_groups])
+        table_all = LabelTable(table_all.header, [r for r in table_all.rows if r[-1] in keep])
+    in_test = grouped_split(table_all.groups(), args.test_fraction, args.test_seed)
+    names = np.array(table_all.names())
+    test, trainval = table_all.select(set(names[in_test])), table_all.select(set(names[~in_test]))
+    test_list = out / "test.txt"
+    test_list.write_text("\n".join(test.names()) + "\n")
+    labels_files = {}
+    val_lists = {}
+    full = trainval.write(out / "trainval_full.txt")
+    for seed in args.seeds:
+        in_val = grouped_split(trainval.groups(), args.val_fraction, seed)
+        val_names = set(np.array(trainval.names())[in_val])
+        val_lists[seed] = out / f"val_s{seed}.txt"
+        val_lists[seed].write_text("\n".join(n for n in trainval.names() if n in val_names) + "\n")
+        labels_files["full", seed] = full
+        labels_files["hidden", seed] = hide_training_labels(trainval, val_names, args.hide, seed).write(
+            out / f"trainval_hidden_s{seed}.txt")
+    return Split(trainval, test, test_list, labels_files, val_lists)
+
+
+def run_key(args, spec: RunSpec, split: Split) -> dict:
+    """What makes two runs the same run (threads and jobs do not: they change speed, not what is learned)."""
+    recipe = SEED_RECIPE if spec.flags is None else "attrclf"
+    return {"recipe": recipe, "code": code_hash(recipe), "flags": spec.flags, "seed": spec.seed,
+            "epochs": args.epochs, "image_size": args.image_size, "backbone": args.backbone,
+            "labels": sha(spec.labels_file), "val": sha(spec.val_list), "test": sha(split.test_list),
+            "weights": args.weights.name}
+
+
+def common_flags(args, spec: RunSpec, group_column: str) -> list[str]:
+    data_dir, _ = DATASETS[args.dataset]
+    return ["--data", str(data_dir), "--labels", str(spec.labels_file), "--images", str(data_dir / "images"),
+            "--group-column", group_column, "--backbone", args.backbone, "--backbone-weights", str(args.weights),
+            "--epochs", str(args.epochs), "--seed", str(spec.seed), "--image-size", str(args.image_size)]
+
+
+def run_command(command: list[str], log: Path) -> float:
+    """Runs it with its output in log; returns the wall seconds; raises with the log's tail on failure."""
+    start = time.perf_counter()
     with open(log, "w") as out:
-        result = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, check=False)
-    if result.returncode != 0:
-        sys.exit(f"error: the command above failed (exit {result.returncode}); see {log}")
+        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, check=False).returncode
+    if code != 0:
+        tail = "\n".join(log.read_text().splitlines()[-15:])
+        raise RuntimeError(f"{shlex.join(command)}\nfailed (exit {code}); {log}:\n{tail}")
+    return time.perf_counter() - start
 
 
-def train_attrclf(args, labels: Path, out: Path) -> dict:
-    launcher = [sys.executable, "-m", "accelerate.commands.launch"] if args.launcher == "accelerate" else [sys.executable]
-    run([*launcher, "train.py", "--data", str(args.data_dir), "--labels", str(labels),
-         "--images", str(args.data_dir / "images"), "--group-column", GROUP_COLUMN, "--backbone", args.backbone,
-         "--backbone-weights", str(args.weights), "--epochs", str(args.epochs), "--seed", str(args.seed),
-         "--image-size", str(args.image_size), "--output-dir", str(out), *args.attrclf_args], out.with_suffix(".log"))
-    metrics = json.loads((out / "metrics.json").read_text())
-    history = json.loads((out / "history.json").read_text())["epochs"]
-    return {"metrics": metrics["validation"], "curve": list(zip(np.cumsum(history["seconds"]).tolist(),
-                                                                history["val_mAP"])),
-            "train_seconds": metrics["train_seconds"], "best_epoch": metrics["best_epoch"]}
+def train_attrclf(args, spec: RunSpec, split: Split, group_column: str) -> RunResult:
+    model_dir = spec.dir / "model"
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    launcher = accelerate if args.launcher == "accelerate" else [sys.executable]
+    command = [*launcher, "train.py", *common_flags(args, spec, group_column), "--output-dir", str(model_dir),
+               "--cpu-threads", str(args.threads), *spec.flags]
+    wall = run_command(command, spec.dir / "train.log")
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    history = json.loads((model_dir / "history.json").read_text())["epochs"]
+    elapsed = np.cumsum(history["seconds"]).tolist()
+    curve = [{"epoch": e, "stage": s, "val_mAP": m, "elapsed": t}
+             for e, s, m, t in zip(history["epoch"], history["stage"], history["val_mAP"], elapsed, strict=True)]
+    predictor = Predictor.from_pretrained(str(model_dir), device="cpu")
+    test_paths = [DATASETS[args.dataset][0] / "images" / name for name in split.test.names()]
+    probs = predictor.predict_probs(test_paths, batch_size=64)
+    targets = split.test.targets()
+    test = evaluate_predictions(probs, targets == 1, targets >= 0, split.test.label_names, predictor.thresholds())
+    return RunResult(run_key(args, spec, split), test, curve, metrics["best_epoch"], metrics["epochs_run"],
+                     metrics["train_seconds"], wall, split_check(metrics, split, spec))
 
 
-def train_seed(args, labels: Path, val_list: Path, out: Path) -> dict:
-    run([sys.executable, "-m", "benchmarks.seed_baseline", "--data", str(args.data_dir), "--labels", str(labels),
-         "--images", str(args.data_dir / "images"), "--group-column", GROUP_COLUMN, "--val-list", str(val_list),
-         "--backbone", args.backbone, "--backbone-weights", str(args.weights), "--epochs", str(args.epochs),
-         "--seed", str(args.seed), "--image-size", str(args.image_size), "--out-dir", str(out)], out.with_suffix(".log"))
-    result = json.loads((out / "result.json").read_text())
-    predictions = np.load(out / "val_predictions.npz")
-    targets = predictions["targets"]
-    metrics = evaluate_predictions(predictions["probs"], targets == 1, targets >= 0, result["label_names"])
-    curve = [(row["elapsed"], row["val_mAP"]) for row in result["history"]]
-    return {"metrics": metrics, "curve": curve, "train_seconds": curve[-1][0], "best_epoch": result["best_epoch"]}
+def split_check(metrics: dict, split: Split, spec: RunSpec) -> str:
+    """'ok' when train.py validated on the images the seed recipe was handed (same count and per-attribute counts)."""
+    val = split.trainval.select(set(spec.val_list.read_text().split()))
+    labels = LabelTable.read(spec.labels_file).select(set(val.names()))
+    targets = labels.targets()
+    expected = {n: {"positive": int((targets[:, a] == 1).sum()), "negative": int((targets[:, a] == 0).sum()),
+                    "na": int((targets[:, a] == -1).sum())} for a, n in enumerate(labels.label_names)}
+    data = metrics["data"]
+    if data["validation_images"] == len(val.rows) and data["validation_counts"] == expected:
+        return "ok"
+    return f"MISMATCH: train.py validated on {data['validation_images']} images, the seed recipe on {len(val.rows)}"
 
 
-def time_to_reach(curve: list, target: float | None) -> float | None:
-    return next((seconds for seconds, value in curve if value is not None and target is not None
-                 and value >= target - 1e-9), None)
+def train_seed(args, spec: RunSpec, split: Split, group_column: str) -> RunResult:
+    command = [sys.executable, "-m", "benchmarks.seed_baseline", *common_flags(args, spec, group_column),
+               "--val-list", str(spec.val_list), "--test-list", str(split.test_list), "--threads", str(args.threads),
+               "--out-dir", str(spec.dir)]
+    wall = run_command(command, spec.dir / "train.log")
+    result = json.loads((spec.dir / "result.json").read_text())
+    predictions = np.load(spec.dir / "test_predictions.npz")
+    if list(predictions["names"]) != split.test.names():
+        raise RuntimeError(f"{spec.dir}: test predictions are not in the test list's order")
+    targets = split.test.targets()
+    test = evaluate_predictions(predictions["probs"], targets == 1, targets >= 0, split.test.label_names,
+                                [0.5] * len(split.test.label_names))
+    curve = [{"epoch": r["epoch"], "stage": r["stage"], "val_mAP": r["val_mAP"], "elapsed": r["elapsed"]}
+             for r in result["history"]]
+    return RunResult(run_key(args, spec, split), test, curve, result["best_epoch"], len(curve),
+                     curve[-1]["elapsed"], wall)
+
+
+def run_or_reuse(args, spec: RunSpec, split: Split) -> RunResult:
+    """The run's result.json when its key matches (resume), else train, score and write it."""
+    key = run_key(args, spec, split)
+    path = spec.dir / "bench_result.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved["key"] == key:
+            print(f"reused  {spec.name} ({path})", flush=True)
+            return RunResult(**saved)
+    spec.dir.mkdir(parents=True, exist_ok=True)
+    print(f"started {spec.name}", flush=True)
+    group_column = DATASETS[args.dataset][1]
+    result = (train_seed if spec.flags is None else train_attrclf)(args, spec, split, group_column)
+    partial = path.with_name("." + path.name + ".partial")
+    partial.write_text(json.dumps(asdict(result), indent=1))
+    os.replace(partial, path)
+    print(f"done    {spec.name}: test mAP {result.test['mAP']} in {result.wall_seconds:.0f} s", flush=True)
+    return result
+
+
+def parse_variants(values: list[str]) -> dict[str, list[str]]:
+    variants = {}
+    for value in values or ["default="]:
+        name, sep, flags = value.partition("=")
+        if not sep or not name or name == SEED_RECIPE:
+            sys.exit(f"error: --variant '{value}': expected NAME=TRAIN_FLAGS with NAME not '{SEED_RECIPE}'")
+        variants[name] = shlex.split(flags)
+    return variants
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="emoji")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (the test split stays)")
+    parser.add_argument("--variant", action="append", metavar="NAME=FLAGS",
+                        help="attrclf run with these extra train.py flags (repeat); default: 'default='")
+    parser.add_argument("--no-seed-recipe", dest="seed_recipe", action="store_false", help="skip the seed recipe runs")
+    parser.add_argument("--label-sets", nargs="+", choices=LABEL_SETS, default=list(LABEL_SETS))
+    parser.add_argument("--hide", type=float, default=0.5, help="fraction of known training labels hidden")
+    parser.add_argument("--jobs", type=int, default=2, help="trainings at once")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per training (default: cores / jobs)")
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--limit-groups", type=int, default=0, help="use this many groups, test included (0: all)")
+    parser.add_argument("--test-fraction", type=float, default=0.2)
+    parser.add_argument("--test-seed", type=int, default=20261201, help="seed of the test split (fixed)")
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="train.py's --val-fraction (its default)")
+    parser.add_argument("--backbone", default="mobilenetv2_100")
+    parser.add_argument("--weights", type=Path, default=WEIGHTS)
+    parser.add_argument("--launcher", choices=["python", "accelerate"], default="python")
+    parser.add_argument("--out-dir", type=Path, default=None, help="default: benchmarks/results/quality_TAG")
+    args = parser.parse_args(argv)
+    args.variants = parse_variants(args.variant)
+    args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    args.tag = f"{args.dataset}_g{args.limit_groups or 'all'}_e{args.epochs}_px{args.image_size}"
+    args.out_dir = args.out_dir or RESULTS / f"quality_{args.tag}"
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=EMOJI)
-    parser.add_argument("--weights", type=Path, default=WEIGHTS)
-    parser.add_argument("--backbone", default="mobilenetv2_100")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--limit-groups", type=int, default=0, help="use this many base emoji (0: all)")
-    parser.add_argument("--hide", type=float, default=0.5, help="fraction of known training labels hidden")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--launcher", choices=["python", "accelerate"], default="python")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS / "quality")
-    parser.add_argument("--attrclf-args", nargs=argparse.REMAINDER, default=[],
-                        help="extra train.py flags, last on the line")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
+    import torch  # scoring runs in this process, beside the trainings: keep it to its share of the cores
+
+    torch.set_num_threads(args.threads)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    labels = subset_labels(args.data_dir, args.out_dir / "labels.txt", args.limit_groups or None)
-    data = prepare_data(args.data_dir, args.data_dir / "images", labels, group_column=GROUP_COLUMN, val_fraction=0.2,
-                        seed=args.seed)
-    val_list = args.out_dir / "val.txt"
-    val_list.write_text("\n".join(data.validation["image_name"]) + "\n")
-    hidden, known = hide_training_labels(labels, set(data.validation["image_name"]), args.hide,
-                                         args.out_dir / "labels_hidden.txt", args.seed)
-    print(f"{len(data.train)} train / {len(data.validation)} validation images; hiding {hidden} of {known} known "
-          f"training labels for the robustness runs")
-    runs = {}
-    for variant, file in (("full", labels), ("hidden", args.out_dir / "labels_hidden.txt")):
-        runs[f"attrclf {variant}"] = train_attrclf(args, file, args.out_dir / f"attrclf_{variant}")
-        runs[f"seed {variant}"] = train_seed(args, file, val_list, args.out_dir / f"seed_{variant}")
-    report(args, data, runs)
+    split = make_split(args, args.out_dir)
+    print(f"{args.dataset}: {len(split.trainval.rows)} train+validation / {len(split.test.rows)} test images "
+          f"({len(set(split.test.groups()))} test groups, test seed {args.test_seed}); {args.jobs} jobs x "
+          f"{args.threads} threads; machine {machine()}", flush=True)
+    recipes = {**args.variants, **({SEED_RECIPE: None} if args.seed_recipe else {})}
+    specs = [RunSpec(variant, label_set, seed, flags, split.labels_files[label_set, seed], split.val_lists[seed],
+                     args.out_dir / "runs" / f"{label_set}-{variant}-s{seed}")
+             for label_set in args.label_sets for seed in args.seeds for variant, flags in recipes.items()]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(run_or_reuse, args, s, split) for s in specs]
+    failed = [f.exception() for f in futures if f.exception() is not None]
+    if failed:  # the finished runs are saved: the same command resumes after the fix
+        sys.exit("error: " + "\n\nerror: ".join(str(e) for e in failed))
+    results = {s.name: f.result() for s, f in zip(specs, futures, strict=True)}
+    print(f"all runs: {time.perf_counter() - start:.0f} s wall")
+    from .quality_report import report
 
-
-def report(args, data, runs: dict) -> None:
-    rows = []
-    for name, r in runs.items():
-        m = r["metrics"]
-        rows.append([name, m["mAP"], m["f1_macro_at_0.5"], m["f1_macro_tuned"], m["f1_macro_tuned_crossfit"],
-                     r["best_epoch"], round(r["train_seconds"])])
-    print(table(rows, ["run", "mAP", "macro-F1 @0.5", "tuned (same images)", "tuned (cross-fit)", "best epoch",
-                       "seconds"]))
-    names = data.label_names
-    per_attribute = [[n, *(runs[r]["metrics"]["per_attribute"][n]["ap"] for r in runs)] for n in names]
-    print(table(per_attribute, ["AP", *runs]))
-    a, s = runs["attrclf full"]["metrics"], runs["seed full"]["metrics"]
-    drop = {k: runs[f"{k} full"]["metrics"]["mAP"] - runs[f"{k} hidden"]["metrics"]["mAP"] for k in ("attrclf", "seed")}
-    seed_best = max((v for _, v in runs["seed full"]["curve"] if v is not None), default=None)
-    reach = {"attrclf": time_to_reach(runs["attrclf full"]["curve"], seed_best),
-             "seed": time_to_reach(runs["seed full"]["curve"], seed_best)}
-    goals = [
-        ["attrclf mAP >= seed + 0.03", f"{a['mAP']:.3f} vs {s['mAP']:.3f}", a["mAP"] >= s["mAP"] + 0.03],
-        ["tuned macro-F1 (cross-fit) >= F1@0.5 + 0.05",
-         f"{a['f1_macro_tuned_crossfit']:.3f} vs {a['f1_macro_at_0.5']:.3f}",
-         a["f1_macro_tuned_crossfit"] >= a["f1_macro_at_0.5"] + 0.05],
-        ["mAP drop with 50% more hidden <= 0.02", f"attrclf {drop['attrclf']:.3f}, seed {drop['seed']:.3f}",
-         drop["attrclf"] <= 0.02],
-        ["time to the seed's best val mAP <= 1/4 of the seed's",
-         f"attrclf {_seconds(reach['attrclf'])}, seed {_seconds(reach['seed'])}",
-         reach["attrclf"] is not None and reach["seed"] is not None and reach["attrclf"] <= reach["seed"] / 4],
-    ]
-    print(table(goals, ["goal", "measured", "met"]))
-    path = write_result("quality", {"backbone": args.backbone, "epochs": args.epochs, "limit_groups": args.limit_groups,
-                                    "train_images": len(data.train), "validation_images": len(data.validation),
-                                    "runs": runs, "mAP_drop": drop, "seconds_to_seed_best_mAP": reach,
-                                    "seed_best_val_mAP": seed_best}, args.out_dir.parent)
-    print(f"wrote {path}")
-
-
-def _seconds(value: float | None) -> str:
-    return "never" if value is None else f"{value:.0f} s"
+    report(args, split, specs, results)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import json
 import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,24 +50,6 @@ def subset_labels(data_dir: Path, out_file: Path, limit_groups: int | None, seed
     return out_file
 
 
-def hide_training_labels(labels_file: Path, validation: set[str], fraction: float, out_file: Path, seed: int = 0):
-    """A copy of labels_file with `fraction` of the known labels of training images set to NA (validation untouched)."""
-    rng = np.random.default_rng(seed)
-    lines = labels_file.read_text().splitlines()
-    out, hidden, known = [lines[0]], 0, 0
-    for line in lines[1:]:
-        tokens = line.split()
-        if tokens[0] not in validation:
-            for i in range(1, len(tokens) - 1):  # the last column is the group
-                if tokens[i] != "NA":
-                    known += 1
-                    if rng.random() < fraction:
-                        tokens[i], hidden = "NA", hidden + 1
-        out.append(" ".join(tokens))
-    out_file.write_text("\n".join(out) + "\n")
-    return hidden, known
-
-
 def table(rows: list[list], header: list[str]) -> str:
     """A GitHub-markdown table (also readable in a terminal)."""
     cells = [[str(c) for c in header]] + [[_cell(c) for c in row] for row in rows]
@@ -82,3 +65,74 @@ def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
     return str(value)
+
+
+# ---------------------------------------------------------------- labelled sets with a group column (bench_quality)
+
+TABLER = DATA / "tabler"
+DATASETS = {"emoji": (EMOJI, "base_emoji"), "tabler": (TABLER, "base_icon")}  # name -> (folder, group column)
+
+
+@dataclass
+class LabelTable:
+    """A labels.txt whose last column is the group: header tokens and rows of tokens (image, labels..., group)."""
+
+    header: list[str]
+    rows: list[list[str]]
+
+    @classmethod
+    def read(cls, path: Path) -> "LabelTable":
+        lines = [line.split() for line in path.read_text().splitlines() if line.strip()]
+        return cls(lines[0], lines[1:])
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.header[1:-1]
+
+    def select(self, names: set[str]) -> "LabelTable":
+        return LabelTable(self.header, [row for row in self.rows if row[0] in names])
+
+    def groups(self) -> list[str]:
+        return [row[-1] for row in self.rows]
+
+    def names(self) -> list[str]:
+        return [row[0] for row in self.rows]
+
+    def targets(self) -> np.ndarray:
+        """(N, A) int: 1, 0, or -1 for NA."""
+        return np.array([[-1 if v == "NA" else int(v) for v in row[1:-1]] for row in self.rows], dtype=np.int64)
+
+    def write(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(" ".join(tokens) for tokens in [self.header, *self.rows]) + "\n")
+        return path
+
+
+def grouped_split(groups: list[str], fraction: float, seed: int) -> np.ndarray:
+    """Rows (bool) of the held-out side: groups in seeded random order until `fraction` of the rows is taken.
+
+    The same rule as train.py's split by --group-column (attrclf's split_by_group, copied rather than imported so that
+    the benchmark holds no attrclf internals): bench_quality checks each run's validation counts in metrics.json
+    against this, so a change in attrclf's rule shows up as a failed check instead of an unfair comparison.
+    """
+    unique, inverse, sizes = np.unique(np.asarray(groups), return_inverse=True, return_counts=True)
+    held_out, taken = np.zeros(len(unique), dtype=bool), 0
+    for g in np.random.default_rng(seed).permutation(len(unique)):
+        if taken >= fraction * len(groups):
+            break
+        held_out[g], taken = True, taken + sizes[g]
+    return held_out[inverse]
+
+
+def hide_training_labels(labels: LabelTable, validation: set[str], fraction: float, seed: int) -> LabelTable:
+    """A copy with `fraction` of the known labels of the non-validation rows set to NA (seeded)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for row in labels.rows:
+        row = list(row)
+        if row[0] not in validation:
+            for i in range(1, len(row) - 1):  # the last column is the group
+                if row[i] != "NA" and rng.random() < fraction:
+                    row[i] = "NA"
+        rows.append(row)
+    return LabelTable(labels.header, rows)

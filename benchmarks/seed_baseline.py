@@ -2,7 +2,7 @@
 
     python -m benchmarks.seed_baseline --data benchmarks/data/emoji --group-column base_emoji \
         --backbone mobilenetv2_100 --backbone-weights benchmarks/data/mobilenetv2_100.safetensors \
-        [--val-list VAL.txt] [--epochs 30] [--out-dir benchmarks/results/seed]
+        [--val-list VAL.txt] [--test-list TEST.txt] [--epochs 30] [--out-dir benchmarks/results/seed]
 
 What the seed does, and so what this does: a timm backbone and the head BatchNorm1d - Dropout(0.5) - Linear(128) - ReLU -
 Dropout(0.3) - Linear(A); BCE-with-logits with pos_weight = negatives / positives, masked where a label is NA; Adam on the
@@ -12,7 +12,9 @@ every epoch; fp32; `model.train()` for the whole model (frozen BatchNorm statist
 on validation loss with patience 5, the lowest-loss epoch kept; threshold 0.5.
 
 It imports nothing from attrclf on purpose: no shared fast path can make it faster or better than the seed was. It reads
-labels.txt itself; pass --val-list (one image name per line) to validate on the images another run validated on.
+labels.txt itself; pass --val-list (one image name per line) to validate on the images another run validated on, and
+--test-list (image names, labels not needed: they stay with the caller) to write the best epoch's probabilities on
+those images to test_predictions.npz, after training, so that no test image informs stopping or the best epoch.
 """
 
 import argparse
@@ -42,6 +44,7 @@ class SeedConfig:
     images: str | None = None
     group_column: str | None = None
     val_list: str | None = None
+    test_list: str | None = None
     backbone: str = "resnet18"
     backbone_weights: str | None = None
     pretrained: bool = False
@@ -152,6 +155,13 @@ def train_epoch(model, loader, optimizer, pos_weight, device, max_steps=None) ->
 
 
 @torch.no_grad()
+def predict(model, loader, device) -> np.ndarray:
+    """(N, A) probabilities, in the loader's order."""
+    model.eval()
+    return torch.cat([torch.sigmoid(model(x.to(device))).cpu() for x, _ in loader]).numpy()
+
+
+@torch.no_grad()
 def validate(model, loader, pos_weight, device):
     model.eval()
     all_logits, all_targets = [], []
@@ -181,7 +191,11 @@ def make_loaders(cfg: SeedConfig):
     y = np.array([r[1] for r in train_rows])
     pos, neg = (y == 1).sum(0), (y == 0).sum(0)
     pos_weight = torch.tensor(neg / np.maximum(pos, 1), dtype=torch.float32)
-    return names, train_loader, val_loader, pos_weight
+    test_loader = None
+    if cfg.test_list:
+        test_rows = [(name, [0] * len(names)) for name in Path(cfg.test_list).read_text().split()]
+        test_loader = torch.utils.data.DataLoader(SeedDataset(test_rows, images, val_tf), shuffle=False, **kwargs)
+    return names, train_loader, val_loader, test_loader, pos_weight
 
 
 def run(cfg: SeedConfig) -> dict:
@@ -190,7 +204,7 @@ def run(cfg: SeedConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    names, train_loader, val_loader, pos_weight = make_loaders(cfg)
+    names, train_loader, val_loader, test_loader, pos_weight = make_loaders(cfg)
     model = SeedModel(cfg.backbone, len(names), cfg.pretrained, cfg.backbone_weights).to(device)
     pos_weight = pos_weight.to(device)
     model.freeze_backbone(unfreeze_last_stage=False)
@@ -211,15 +225,22 @@ def run(cfg: SeedConfig) -> dict:
               f"val_mAP {row['val_mAP'] or 0:.4f} ({row['train_seconds']:.0f}s + {row['val_seconds']:.0f}s)")
         if best is None or val_loss < best["val_loss"]:
             best, since_best = {"epoch": epoch + 1, "val_loss": val_loss, "probs": probs, "targets": targets}, 0
+            if test_loader is not None:  # a copy of the best weights, scored on the test images after training
+                best["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             since_best += 1
             if since_best >= cfg.patience:
                 break
+    if test_loader is not None:
+        model.load_state_dict(best.pop("state"))
+        best["test_names"] = [name for name, _ in test_loader.dataset.rows]
+        best["test_probs"] = predict(model, test_loader, device)
     return {"label_names": names, "history": history, "best": best, "config": asdict(cfg)}
 
 
 def save(result: dict, out_dir: Path) -> None:
-    """result.json (history, best epoch) and val_predictions.npz (probs; targets with NA as -1)."""
+    """result.json (history, best epoch), val_predictions.npz (probs; targets with NA as -1) and, with --test-list,
+    test_predictions.npz (probs and image names)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     best = result["best"]
     summary = {k: v for k, v in result.items() if k != "best"}
@@ -231,6 +252,11 @@ def save(result: dict, out_dir: Path) -> None:
     with open(partial, "wb") as f:  # a file object: np.savez would append .npz to a name
         np.savez(f, probs=best["probs"], targets=best["targets"])
     os.replace(partial, out_dir / "val_predictions.npz")
+    if "test_probs" in best:
+        partial = out_dir / ".test_predictions.npz.partial"
+        with open(partial, "wb") as f:
+            np.savez(f, probs=best["test_probs"], names=np.array(best["test_names"]))
+        os.replace(partial, out_dir / "test_predictions.npz")
 
 
 def main(argv: list[str] | None = None) -> None:
