@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -19,16 +18,8 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard, constants
 
-from attrclf import AttrClassifier, AttrclfError, AttrConfig, Predictor
-from attrclf.engine import TrainConfig
-from attrclf.hub import (
-    backbone_origin,
-    check_can_push,
-    check_repo_id,
-    model_files,
-    render_card,
-    runtime_requirements,
-)
+from attrclf import AttrClassifier, AttrclfError, Predictor
+from attrclf.hub import check_can_push, check_repo_id, model_files, runtime_requirements
 
 from . import hub_server
 from .conftest import REPO, write_image
@@ -125,7 +116,8 @@ def test_pushed_card_metadata_and_numbers_are_the_runs(hub, trained):
     for name, row in validation["per_attribute"].items():
         counts = metrics["data"]["train_counts"][name]
         assert f"| {name} | {counts['positive']} | {counts['negative']} | {counts['na']} |" in text
-        assert f"| {name} | {row['ap']:.3f} | {row['f1']:.3f} | {row['f1_at_0.5']:.3f} | {row['precision']:.3f} |" in text
+        scores = f"| {row['ap']:.3f} | {row['f1']:.3f} | {row['f1_at_0.5']:.3f} | {row['precision']:.3f} |"
+        assert f"| {name} {scores}" in text
     assert f"mAP **{validation['mAP']:.3f}**" in text and f"**{validation['f1_macro_tuned_crossfit']:.3f}**" in text
     assert f"ran {metrics['epochs_run']} of at most 2" in text and "Stages: one stage training every layer" in text
     for image in ("loss_curve.png", "pr_curves.png"):
@@ -265,7 +257,8 @@ def test_push_to_hub_without_a_token_fails_before_training(tmp_path, monkeypatch
         check_can_push(MODEL_ID)
     with pytest.raises(AttrclfError, match="--push-to-hub 'attrclf' needs a namespace"):
         check_can_push("attrclf")
-    train = (REPO / "train.py").read_text()  # the check is train.py's first step, before any data or model
+    # the check is training's first step, before any data or model
+    train = (REPO / "attrclf" / "training.py").read_text()
     assert train.index("check_can_push(cfg.push_to_hub)") < train.index("load_training_data(cfg")
 
 
@@ -396,35 +389,3 @@ def test_runtime_requirements_drop_the_test_tools():
     text = ("# a comment\ntorch==2.14.1\ngradio==6.31.0\nruff==0.1\npytest-timeout==2\n\n# tests (below: test-only)\n"
             "pytest==9.2.0\nscikit-learn==1.9.1\n")
     assert runtime_requirements(text) == "# a comment\ntorch==2.14.1\ngradio==6.31.0\n"
-
-
-# ---------------------------------------------------------------- the card, in process
-
-
-def test_card_of_a_model_saved_outside_training(tmp_path, tiny_model_factory):
-    model = tiny_model_factory(("smiling", "hat"))
-    model.save_pretrained(tmp_path)
-    card = ModelCard.load(tmp_path / "README.md")
-    assert card.data.library_name == "attrclf" and card.data.eval_results is None
-    assert "`smiling`, `hat`" in card.text and "Not recorded" in card.text and "PytorchModelHubMixin" not in card.text
-    (tmp_path / "README.md").write_text("my card")
-    model.save_pretrained(tmp_path)
-    assert (tmp_path / "README.md").read_text() == "my card"  # a rendered card is never overwritten
-
-
-@pytest.mark.parametrize("train_config, base_model, origin", [
-    ({"backbone": "resnet18", "pretrained": True}, "timm/resnet18.a1_in1k", "[`timm/resnet18.a1_in1k`]"),
-    ({"backbone": "resnet18", "pretrained": True, "backbone_weights": "/w/imagenet.pth"}, None,
-     "pretrained weights from the local file `imagenet.pth`"),
-    ({"backbone": "resnet18", "pretrained": False}, None, "random initial weights (trained from scratch)"),
-])
-def test_base_model_only_when_timm_weights_were_downloaded(train_config, base_model, origin):
-    card = render_card(asdict(AttrConfig(["a"], backbone="resnet18")), train_config=train_config)
-    assert card.data.base_model == base_model
-    assert origin in backbone_origin(train_config)
-
-
-def test_hub_dataset_id_is_named_in_the_card():
-    assert TrainConfig(data="someone/faces").resolve().dataset_id == "someone/faces"
-    assert TrainConfig(data=str(REPO)).resolve().dataset_id is None
-    assert TrainConfig().resolve().dataset_id is None
