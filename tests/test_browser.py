@@ -82,7 +82,7 @@ def wait_for_table(page, expected: dict, statuses: list[str], step: str) -> list
     while time.monotonic() < deadline:
         rows = read_table(page)
         if (len(rows) == len(expected) and [r[0] for r in rows] == list(expected)
-                and all(abs(float(r[1]) - p) < 1e-4 for r, p in zip(rows, expected.values()))
+                and all(abs(float(r[1]) - p) < 1e-4 for r, p in zip(rows, expected.values(), strict=True))
                 and [r[3] for r in rows] == statuses):
             return rows
         page.wait_for_timeout(200)
@@ -107,7 +107,10 @@ def test_upload_read_table_move_threshold_click_example(app, tmp_path):
             assert "test_resnet" in page.locator("#model").inner_text()
 
             page.locator("#image input[type=file]").set_input_files(str(image))
-            status = lambda result: ["PRESENT" if n in result["present"] else "absent" for n in result["probabilities"]]
+
+            def status(result):
+                return ["PRESENT" if n in result["present"] else "absent" for n in result["probabilities"]]
+
             rows = wait_for_table(page, expected["probabilities"], status(expected), "upload")
             assert [float(r[2]) for r in rows] == [0.5] * len(rows)
             present = page.locator("#present").inner_text()
