@@ -30,7 +30,7 @@ def card_template() -> str:
 
 
 def render_card(config: dict, metrics: dict | None = None, train_config: dict | None = None,
-                repo_id: str | None = None, images: tuple[str, ...] = CARD_IMAGES) -> ModelCard:
+                repo_id: str | None = None, *, images: tuple[str, ...] = CARD_IMAGES) -> ModelCard:
     """The model card from hub_card.md; it names the attrclf version that saved the model (config.json).
 
     Args:

@@ -146,7 +146,7 @@ def card_for_push(folder: Path, repo_id: str) -> bytes | None:
         return None
     config, metrics, train_config = (json.loads(path.read_text()) for path in sources)
     images = tuple(name for name in CARD_IMAGES if (folder / name).is_file())
-    return str(render_card(config, metrics, train_config, repo_id, images)).encode()
+    return str(render_card(config, metrics, train_config, repo_id, images=images)).encode()
 
 
 def push_operations(folder: Path, repo_id: str, remote_files: list[str]) -> list:
@@ -270,7 +270,7 @@ def space_files(source: SpaceSource, space_id: str, model_id: str, license: str)
     return files
 
 
-def push_space(space_id: str, model_id: str, source: str | Path | None = None, private: bool = False,
+def push_space(space_id: str, model_id: str, source: str | Path | None = None, *, private: bool = False,
                license: str = "apache-2.0") -> str:
     """Push the Gradio Space that serves `model_id` (which must be on the Hub); returns the commit URL.
 

@@ -108,7 +108,7 @@ class Predictor:
         channels_last: Run the model in NHWC memory layout (faster convolutions on CPU).
     """
 
-    def __init__(self, model: AttrClassifier, device: str | torch.device = "cpu", tta: bool = False,
+    def __init__(self, model: AttrClassifier, device: str | torch.device = "cpu", *, tta: bool = False,
                  fast_preprocess: bool = True, channels_last: bool = True):
         self.tta = tta
         self.device = torch.device(device)
@@ -123,8 +123,8 @@ class Predictor:
         self.fast = FastEvalTransform(self.config) if use_fast else None
 
     @classmethod
-    def from_pretrained(cls, model_id: str, revision: str | None = None, device: str | None = None, tta: bool = False,
-                        fast_preprocess: bool = True, channels_last: bool = True, **kwargs):
+    def from_pretrained(cls, model_id: str, revision: str | None = None, device: str | None = None, *,
+                        tta: bool = False, fast_preprocess: bool = True, channels_last: bool = True, **kwargs):
         """Load from a local folder or a Hub repo (strict, safetensors only); the flags are `Predictor`'s."""
         model_id = resolve_model_id(model_id)
         where = f"'{model_id}'" + (f" at revision '{revision}'" if revision else "")
