@@ -20,6 +20,7 @@ from .test_app import free_port
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 TIMEOUT_S = 60
+pytestmark = pytest.mark.slow  # a subprocess app and a real chromium
 
 
 def chromium_path() -> str:

@@ -75,6 +75,7 @@ def folder_state(folder: Path) -> dict:
 # ---------------------------------------------------------------- push at the end of training
 
 
+@pytest.mark.slow
 def test_training_pushes_the_output_folder_in_one_commit(hub, trained):
     out, result = trained
     local = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -90,6 +91,7 @@ def test_training_pushes_the_output_folder_in_one_commit(hub, trained):
     assert hub.unhandled == []
 
 
+@pytest.mark.slow
 def test_pushed_card_metadata_and_numbers_are_the_runs(hub, trained):
     out, _ = trained
     metrics = json.loads((out / "metrics.json").read_text())
@@ -178,6 +180,7 @@ def pulled(hub, trained, more_pushes, tmp_path_factory):
     return tmp, json.loads((tmp / "pulled.json").read_text())
 
 
+@pytest.mark.slow
 def test_fresh_process_loads_the_pushed_model_by_id(hub, trained, pulled):
     tmp, found = pulled
     assert np.array_equal(np.load(tmp / "hub_logits.npy"), np.load(tmp / "local_logits.npy"))
@@ -188,6 +191,7 @@ def test_fresh_process_loads_the_pushed_model_by_id(hub, trained, pulled):
     assert hub.unhandled == []
 
 
+@pytest.mark.slow
 def test_revisions_and_private_repos(hub, pulled):
     found = pulled[1]
     assert found["v2"] == ["red", "round", "big"]
@@ -199,6 +203,7 @@ def test_revisions_and_private_repos(hub, pulled):
     assert found["private_with_token"] == ["red", "round", "big"]
 
 
+@pytest.mark.slow
 def test_push_to_a_branch_replaces_the_package_and_keeps_main(hub, more_pushes):
     v2 = hub.files(MODEL_ID, "v2")
     # branched from main, then the package replaced: main's reports and plots are gone, not left beside new weights
@@ -209,6 +214,7 @@ def test_push_to_a_branch_replaces_the_package_and_keeps_main(hub, more_pushes):
     assert "# attrclf: test_resnet" in card and "Not recorded" in card  # our card, not the mixin's default
 
 
+@pytest.mark.slow
 def test_predict_cli_by_id_and_revision(hub, more_pushes, tmp_path):
     image = write_image(tmp_path / "img" / "red.png", (220, 20, 20), (40, 40))
     predicted = run(["-m", "attrclf.predict", "--model", MODEL_ID, "--revision", "v2", str(image), "--format", "json"],
@@ -230,6 +236,7 @@ def closed_port_endpoint() -> str:
         return f"http://127.0.0.1:{s.getsockname()[1]}"  # closed when the block ends: connection refused
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, message", [
     ("server down", "is unreachable"),
     ("no token", "no Hugging Face token"),
@@ -283,6 +290,7 @@ def test_only_the_model_package_is_pushed(saved_model, tmp_path):
                                                      "model.safetensors"]
 
 
+@pytest.mark.slow
 def test_no_token_in_any_pushed_or_written_file(hub, trained):
     stored = [p.read_bytes() for p in hub.blobs.iterdir()]
     written = [p.read_bytes() for p in trained[0].rglob("*") if p.is_file()]
@@ -302,6 +310,7 @@ def source_root(tmp_path):
     return root
 
 
+@pytest.mark.slow
 def test_push_space_uploads_exactly_the_space(hub, trained, source_root, tmp_path):
     env = client_env(hub.endpoint, tmp_path / "home")
     result = run(["-m", "attrclf.hub", "push-space", "user/attrclf-demo", "--model", MODEL_ID,
@@ -328,6 +337,7 @@ def test_push_space_uploads_exactly_the_space(hub, trained, source_root, tmp_pat
     assert hub.unhandled == []
 
 
+@pytest.mark.slow
 def test_the_pushed_space_serves_the_model_by_id(hub, trained, tmp_path):
     """The real app.py and package, pushed as a Space, then run from the Space's files with ATTRCLF_MODEL=user/attrclf
     (the model pulled from the Hub by id, as on huggingface.co): its /predict equals the local Predictor's."""
@@ -372,6 +382,7 @@ def test_the_pushed_space_serves_the_model_by_id(hub, trained, tmp_path):
     assert served["present"] == expected["present"]
 
 
+@pytest.mark.slow
 def test_push_space_refuses_without_app_or_model(hub, source_root, tmp_path):
     env = client_env(hub.endpoint, tmp_path / "home")
     missing_model = run(["-m", "attrclf.hub", "push-space", "user/demo2", "--model", "user/never-pushed",

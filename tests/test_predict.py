@@ -85,6 +85,7 @@ def test_cli_reports_unreadable_image_and_continues(saved_model, images, capsys)
     assert "1 of 4 images could not be read" in captured.err
 
 
+@pytest.mark.slow
 def test_cli_missing_model_is_a_clear_error_without_traceback(tmp_path, images):
     result = subprocess.run(
         [sys.executable, "-m", "attrclf.predict", "--model", str(tmp_path / "nope"), str(images / "red.png")],
