@@ -14,12 +14,13 @@ About 10% of the other labels are NA, missing at random, as unknown labels usual
 
 import argparse
 import os
-import shutil
-import tempfile
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from .fileio import atomic_folder
 
 LABEL_NAMES = ["outlined", "red", "striped", "large", "dark_background", "dot"]
 POSITIVE_RATE = {"outlined": 0.35, "red": 0.3, "striped": 0.3, "large": 0.45, "dark_background": 0.5, "dot": 0.08}
@@ -100,24 +101,16 @@ def write_demo(root: Path, num_images: int = 3000, image_size: int = 64, seed: i
     root = Path(root)
     rng = np.random.default_rng(seed)
     truth, hidden = generate_labels(rng, num_images)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    try:
+    with atomic_folder(root) as staging:
         (staging / "images").mkdir()
         lines = ["image " + " ".join(LABEL_NAMES)]
         for i in range(num_images):
-            attributes = dict(zip(LABEL_NAMES, truth[i].tolist()))
+            attributes = dict(zip(LABEL_NAMES, truth[i].tolist(), strict=True))
             name = f"demo_{i:05d}.png"
             draw_example(rng, attributes, image_size).save(staging / "images" / name, optimize=False)
             values = ["NA" if hidden[i, j] else str(truth[i, j]) for j in range(len(LABEL_NAMES))]
             lines.append(f"{name} {' '.join(values)}")
         (staging / "labels.txt").write_text("\n".join(lines) + "\n")
-        if root.exists():
-            shutil.rmtree(root)
-        staging.rename(root)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return root
 
 
@@ -129,8 +122,10 @@ def ensure_demo(num_images: int = 3000, image_size: int = 64, root: Path | None 
     return root
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write the attrclf demo dataset as labels.txt + images/.")
+def main(argv: list[str] | None = None) -> int:
+    """`attrclf demo DIR` / `python -m attrclf.demo DIR`: write the demo dataset."""
+    parser = argparse.ArgumentParser(prog="attrclf demo",
+                                     description="Write the attrclf demo dataset as labels.txt + images/.")
     parser.add_argument("output", type=Path, help="folder to write")
     parser.add_argument("--num-images", type=int, default=3000)
     parser.add_argument("--image-size", type=int, default=64)
@@ -138,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     root = write_demo(args.output, args.num_images, args.image_size, args.seed)
     print(f"wrote {args.num_images} images and labels.txt to {root}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import AttrclfError
+from .errors import AttrclfError, run_cli
+from .fileio import atomic_path
 from .model import AttrClassifier
 from .predict import Predictor
 
@@ -74,34 +75,29 @@ def export_onnx(model: AttrClassifier, path: str | os.PathLike, opset: int = OPS
     path = Path(path)
     if not path.parent.is_dir():
         raise AttrclfError(f"output folder '{path.parent}' does not exist; create it or choose another path")
-    temporary = path.parent / f".{path.name}.{os.getpid()}.tmp"  # same folder, so the rename is atomic
-    try:
+    with atomic_path(path) as temporary:  # same folder, so the rename is atomic; removed on any failure
         onnx.save(to_onnx(model, opset), temporary)
         diffs = max_abs_diff(model, temporary)
         if max(diffs.values()) > TOLERANCE:
             raise AttrclfError(f"the ONNX graph differs from PyTorch by {max(diffs.values()):.2e} (more than "
                                f"{TOLERANCE:g}); '{path}' was not written. Try another --opset.")
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
     return diffs
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m attrclf.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", metavar="MODEL_DIR", help="model folder (or Hub id user/name)")
     parser.add_argument("output", metavar="OUT.onnx", help="ONNX file to write (replaced atomically if it exists)")
     parser.add_argument("--opset", type=int, default=OPSET, help="ONNX opset version (18 or newer)")
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
-    args = parser.parse_args(argv)
-    try:
-        # loading and its errors as the predict CLI has them
-        model = Predictor.from_pretrained(args.model, revision=args.revision, device="cpu").model
-        diffs = export_onnx(model, args.output, args.opset)
-    except AttrclfError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return parser
+
+
+def _run(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    # loading and its errors as the predict CLI has them
+    model = Predictor.from_pretrained(args.model, revision=args.revision, device="cpu").model
+    diffs = export_onnx(model, args.output, args.opset)
     config = model.config
     print(f"wrote {args.output}: input pixel_values (batch, {', '.join(map(str, config.input_size))}), "
           f"output logits (batch, {len(config.label_names)}), opset {args.opset}")
@@ -111,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"preprocessing: resize/crop to {config.input_size[1]}x{config.input_size[2]} ({config.interpolation}, "
           f"crop_pct {config.crop_pct}), mean {config.mean}, std {config.std}; sigmoid of the logits = probabilities")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m attrclf.export MODEL OUT.onnx`; bad input is one line on stderr and exit code 2."""
+    return run_cli(_run, argv)
 
 
 if __name__ == "__main__":

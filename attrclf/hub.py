@@ -1,4 +1,4 @@
-"""The Hub package: the model card (hub_card.md), and pushing a trained model folder or the Gradio Space.
+"""Pushing a trained model folder, or the Gradio Space that serves it, to the Hub (the card itself is card.py).
 
     python -m attrclf.hub push OUTPUT_DIR user/attrclf [--private] [--revision BRANCH]
     python -m attrclf.hub push-space user/attrclf-demo --model user/attrclf [--source ROOT] [--private]
@@ -12,6 +12,7 @@ import json
 import re
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -19,10 +20,7 @@ import httpx2  # huggingface_hub 2.4's HTTP client: its transport errors mean "t
 from huggingface_hub import (
     CommitOperationAdd,
     CommitOperationDelete,
-    EvalResult,
     HfApi,
-    ModelCard,
-    ModelCardData,
     SpaceCardData,
     constants,
     get_token,
@@ -38,189 +36,18 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from .errors import AttrclfError
+from .card import CARD_IMAGES, render_card
+from .errors import AttrclfError, run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
-CARD_TEMPLATE = ROOT / "hub_card.md"
-CARD_IMAGES = ("loss_curve.png", "pr_curves.png")
+PACKAGE = Path(__file__).resolve().parent
+ROOT = PACKAGE.parent  # the checkout, when attrclf runs from one
+SPACE_BUNDLE = "_space"  # a wheel's copy of app.py and requirements.txt (pyproject.toml force-includes them)
 # What a model repo holds: the package, the reports and the plots; never checkpoints or staging folders.
 MODEL_FILES = ("model.safetensors", "config.json", "README.md", "metrics.json", "train_config.json", "history.json")
 REQUIRED_MODEL_FILES = ("model.safetensors", "config.json")
 SPACE_VARIABLE = "ATTRCLF_MODEL"  # app.py serves the model this names (a Hub id or a folder)
 SPACE_SHORT_DESCRIPTION = "Multilabel image attributes (1/0/NA) with attrclf"  # the Hub allows 60 characters
 TEST_TOOLS = {"pytest", "playwright", "ruff", "scikit-learn", "onnx", "onnxruntime", "onnxscript", "coverage"}
-LOSS_NAMES = {"bce": "binary cross-entropy with logits", "asl": "asymmetric loss (ASL)"}
-RARE = 0.10  # an attribute with fewer known training positives than this is called rare in the card
-FEW_VALIDATION_POSITIVES = 30
-MANY_NA = 0.20
-
-
-# ---------------------------------------------------------------- the model card
-
-
-def render_card(config: dict, metrics: dict | None = None, train_config: dict | None = None,
-                repo_id: str | None = None, images: tuple[str, ...] = CARD_IMAGES) -> ModelCard:
-    """The model card from hub_card.md.
-
-    Args:
-        config: The model's config.json content.
-        metrics: metrics.json content; None for a model saved outside training (the card then says so).
-        train_config: train_config.json content.
-        repo_id: Hub id the usage lines name (default: the run's --push-to-hub).
-        images: PNGs beside the card that it shows.
-    """
-    train_config = train_config or {}
-    repo_id = repo_id or train_config.get("push_to_hub")
-    return ModelCard.from_template(
-        card_data(config, metrics, train_config, repo_id),
-        template_path=str(CARD_TEMPLATE),
-        config=config,
-        metrics=metrics,
-        train=train_config,
-        model_ref=repo_id or "PATH_OR_REPO_ID",
-        rows=attribute_rows(config, metrics),
-        backbone_origin=backbone_origin(train_config),
-        loss_name=LOSS_NAMES.get(train_config.get("loss"), train_config.get("loss")),
-        limitations=limitations(metrics, train_config) if metrics else [],
-        images=images,
-        fmt=lambda v: "n/a" if v is None else f"{v:.3f}",
-    )
-
-
-def card_data(config: dict, metrics: dict | None, train_config: dict, repo_id: str | None) -> ModelCardData:
-    """The card's YAML metadata: library, task, tags, license, base model, datasets and the model-index."""
-    dataset_id = train_config.get("dataset_id")
-    results = eval_results(metrics, train_config)
-    return ModelCardData(
-        library_name="attrclf",
-        pipeline_tag="image-classification",
-        license=train_config.get("license"),
-        tags=["attrclf", "image-classification", "multilabel", "attribute-classification", "timm",
-              config["backbone"], "model_hub_mixin", "pytorch_model_hub_mixin"],
-        base_model=base_model_id(train_config),
-        datasets=[dataset_id] if dataset_id else None,
-        model_name=(repo_id or f"attrclf-{config['backbone']}").split("/")[-1] if results else None,
-        eval_results=results or None,
-    )
-
-
-def eval_results(metrics: dict | None, train_config: dict) -> list[EvalResult]:
-    """The model-index entries: validation mAP and macro-F1 (at 0.5, tuned, tuned on held-out halves)."""
-    validation = (metrics or {}).get("validation", {})
-    if validation.get("mAP") is None:
-        return []
-    if train_config.get("dataset_id"):
-        dataset_type = dataset_name = train_config["dataset_id"]
-    elif train_config.get("data"):
-        dataset_type, dataset_name = "custom", Path(train_config["data"]).name
-    else:
-        dataset_type, dataset_name = "attrclf-demo", "attrclf demo (generated shapes)"
-    figures = [
-        ("mAP", "mAP over known labels", validation["mAP"]),
-        ("f1", "macro-F1 at threshold 0.5", validation["f1_macro_at_0.5"]),
-        ("f1", "macro-F1 at thresholds tuned on this split (optimistic)", validation["f1_macro_tuned"]),
-        ("f1", "macro-F1, thresholds tuned and scored on different halves", validation["f1_macro_tuned_crossfit"]),
-    ]
-    return [
-        EvalResult(task_type="image-classification", task_name="Multilabel attribute classification",
-                   dataset_type=dataset_type, dataset_name=dataset_name, dataset_split="validation",
-                   metric_type=kind, metric_name=name, metric_value=round(value, 4))
-        for kind, name, value in figures if value is not None
-    ]
-
-
-def base_model_id(train_config: dict) -> str | None:
-    """The Hub id of the backbone weights training started from: only timm's own download can be named."""
-    if not train_config.get("pretrained") or train_config.get("backbone_weights"):
-        return None
-    import timm  # only here: naming the weights needs timm's registry, which imports torch
-
-    pretrained_cfg = timm.models.get_pretrained_cfg(train_config["backbone"])
-    return pretrained_cfg.hf_hub_id if pretrained_cfg and pretrained_cfg.hf_hub_id else None
-
-
-def backbone_origin(train_config: dict) -> str:
-    if not train_config:
-        return "unknown (the model was saved outside an attrclf training run)"
-    if train_config.get("backbone_weights"):
-        return f"pretrained weights from the local file `{Path(train_config['backbone_weights']).name}`"
-    if train_config.get("pretrained"):
-        hub_id = base_model_id(train_config)
-        return f"pretrained weights [`{hub_id}`](https://huggingface.co/{hub_id})" if hub_id else "timm's pretrained weights"
-    return "random initial weights (trained from scratch)"
-
-
-def attribute_rows(config: dict, metrics: dict | None) -> list[dict]:
-    """One dict per attribute: name and threshold, and with metrics its counts, pos_weight and validation scores."""
-    rows = []
-    for name, threshold in zip(config["label_names"], config["thresholds"]):
-        row = {"name": name, "threshold": threshold}
-        if metrics:
-            row.update(train=metrics["data"]["train_counts"][name],
-                       validation=metrics["data"]["validation_counts"][name],
-                       pos_weight=metrics["pos_weight"][name], **metrics["validation"]["per_attribute"][name])
-        rows.append(row)
-    return rows
-
-
-def limitations(metrics: dict, train_config: dict) -> list[str]:
-    """The limitations section, from the run's own numbers."""
-    validation, data = metrics["validation"], metrics["data"]
-    notes = []
-    if not train_config.get("data"):
-        notes.append("Trained on attrclf's generated demo shapes: it shows the pipeline works and says nothing about "
-                     "real photographs.")
-    notes.append(f"Every score here comes from {validation['num_images']} validation images drawn from the same source "
-                 f"as the training images; expect lower scores on images unlike them.")
-    rare, few, many_na, single = [], [], [], []
-    for name, row in validation["per_attribute"].items():
-        counts = data["train_counts"][name]
-        known = counts["positive"] + counts["negative"]
-        if known + counts["na"] and counts["na"] / (known + counts["na"]) > MANY_NA:
-            many_na.append(f"`{name}` ({counts['na'] / (known + counts['na']):.0%})")
-        if not row["evaluated"]:
-            single.append(f"`{name}`")
-        elif known and counts["positive"] / known < RARE:
-            rare.append(f"`{name}`: {counts['positive']} positives among {known} known training labels "
-                        f"({counts['positive'] / known:.0%}); AP {row['ap']:.3f} against the mAP of "
-                        f"{validation['mAP']:.3f}, measured on only {row['positives']} validation positives")
-        elif row["positives"] < FEW_VALIDATION_POSITIVES:
-            few.append(f"`{name}` ({row['positives']})")
-    if rare:
-        notes.append("Rare in training: " + "; ".join(rare) + ".")
-    if few:
-        notes.append(f"Few validation positives for {', '.join(few)}: their scores would move noticeably with a few "
-                     f"images more or less.")
-    if many_na:
-        notes.append(f"Often unknown (NA) among the training labels, so learnt from fewer examples: "
-                     f"{', '.join(many_na)}.")
-    if single:
-        notes.append(f"{', '.join(single)}: a single class among the known validation labels, so no AP or F1 could "
-                     f"be measured.")
-    return notes + run_notes(metrics, train_config) + [
-        "Attributes are predicted independently: nothing checks that the predicted set is consistent."]
-
-
-def run_notes(metrics: dict, train_config: dict) -> list[str]:
-    """Limitations that come from how the run went: thresholds, pos_weight caps, skipped images, its length."""
-    validation, notes = metrics["validation"], []
-    if validation["f1_macro_tuned"] is not None and validation["f1_macro_tuned_crossfit"] is not None:
-        notes.append(f"Thresholds were tuned to maximise F1 on the validation images the table reports (macro-F1 "
-                     f"{validation['f1_macro_tuned']:.3f} there); tuned on one half and scored on the other they give "
-                     f"{validation['f1_macro_tuned_crossfit']:.3f}, the better guess for new images.")
-    capped = [name for name, w in metrics["pos_weight"].items() if w >= train_config.get("pos_weight_cap", float("inf"))]
-    if capped:
-        notes.append(f"pos_weight reached its cap ({train_config['pos_weight_cap']:g}) for {', '.join(capped)}: "
-                     f"these attributes are rarer than the loss fully compensates.")
-    if metrics["data"]["skipped_images"]:
-        notes.append(f"{metrics['data']['skipped_images']} unreadable image(s) were skipped; they are listed in "
-                     f"metrics.json.")
-    if train_config.get("max_steps"):
-        notes.append(f"A short run (stopped at --max-steps {train_config['max_steps']}): not a finished model.")
-    elif metrics["best_epoch"] == metrics["epochs_run"] == train_config.get("epochs"):
-        notes.append(f"The best epoch was the last of the {metrics['epochs_run']} allowed: validation mAP was still "
-                     f"rising, so a longer run (--epochs) would likely do better.")
-    return notes
 
 
 # ---------------------------------------------------------------- errors and tokens
@@ -319,7 +146,7 @@ def card_for_push(folder: Path, repo_id: str) -> bytes | None:
         return None
     config, metrics, train_config = (json.loads(path.read_text()) for path in sources)
     images = tuple(name for name in CARD_IMAGES if (folder / name).is_file())
-    return str(render_card(config, metrics, train_config, repo_id, images)).encode()
+    return str(render_card(config, metrics, train_config, repo_id, images=images)).encode()
 
 
 def push_operations(folder: Path, repo_id: str, remote_files: list[str]) -> list:
@@ -397,28 +224,68 @@ def space_readme(space_id: str, model_id: str, license: str, sdk_version: str) -
     )
 
 
-def space_files(source: Path, space_id: str, model_id: str, license: str) -> dict[str, bytes]:
+@dataclass
+class SpaceSource:
+    """Where push-space reads the Space's files: an attrclf checkout (--source), or the installed package.
+
+    Attributes:
+        app: The app.py the Space runs.
+        requirements: The requirements.txt whose runtime part the Space installs.
+        package: The attrclf folder whose *.py files the Space imports.
+    """
+
+    app: Path
+    requirements: Path
+    package: Path
+
+    @classmethod
+    def checkout(cls, root: str | Path) -> "SpaceSource":
+        root = Path(root)
+        for needed in ("app.py", "requirements.txt", "attrclf/__init__.py"):
+            if not (root / needed).is_file():
+                raise AttrclfError(f"'{root}' has no {needed}: the Space is built from an attrclf checkout that has "
+                                   f"app.py, requirements.txt and the attrclf package; point --source at one")
+        return cls(root / "app.py", root / "requirements.txt", root / "attrclf")
+
+    @classmethod
+    def installed(cls) -> "SpaceSource":
+        """The running attrclf: a wheel carries app.py and requirements.txt in attrclf/_space/; a checkout has them
+        beside the package."""
+        bundle = PACKAGE / SPACE_BUNDLE
+        if (bundle / "app.py").is_file() and (bundle / "requirements.txt").is_file():
+            return cls(bundle / "app.py", bundle / "requirements.txt", PACKAGE)
+        return cls.checkout(ROOT)
+
+
+def space_files(source: SpaceSource, space_id: str, model_id: str, license: str) -> dict[str, bytes]:
     """{path in the Space: content}: app.py, the attrclf package, runtime requirements and the Space card."""
-    for needed in ("app.py", "requirements.txt", "attrclf/__init__.py"):
-        if not (source / needed).is_file():
-            raise AttrclfError(f"'{source}' has no {needed}: the Space is built from an attrclf checkout that has "
-                               f"app.py, requirements.txt and the attrclf package; point --source at one")
-    requirements = (source / "requirements.txt").read_text()
-    files = {"app.py": (source / "app.py").read_bytes(),
+    requirements = source.requirements.read_text()
+    files = {"app.py": source.app.read_bytes(),
              "requirements.txt": runtime_requirements(requirements).encode(),
              "README.md": space_readme(space_id, model_id, license, gradio_version(requirements)).encode()}
-    for path in sorted((source / "attrclf").rglob("*.py")):
-        if "__pycache__" not in path.parts:
-            files[path.relative_to(source).as_posix()] = path.read_bytes()
+    for path in sorted(source.package.rglob("*.py")):
+        inner = path.relative_to(source.package).parts
+        if "__pycache__" not in inner and inner[0] != SPACE_BUNDLE:
+            files[f"attrclf/{path.relative_to(source.package).as_posix()}"] = path.read_bytes()
     return files
 
 
-def push_space(space_id: str, model_id: str, source: str | Path | None = None, private: bool = False,
+def push_space(space_id: str, model_id: str, source: str | Path | None = None, *, private: bool = False,
                license: str = "apache-2.0") -> str:
-    """Push the Gradio Space that serves `model_id` (which must be on the Hub); returns the commit URL."""
+    """Push the Gradio Space that serves `model_id` (which must be on the Hub); returns the commit URL.
+
+    Args:
+        space_id: namespace/name of the Space (created when missing).
+        model_id: Hub id of the model it serves.
+        source: An attrclf checkout to take app.py, requirements.txt and the package from; default the running
+            attrclf (installed or checkout).
+        private: Create the Space private.
+        license: The license in the Space's front matter.
+    """
     check_repo_id(space_id, "Space id")
     check_repo_id(model_id, "--model")
-    files = space_files(Path(source) if source else ROOT, space_id, model_id, license)
+    files = space_files(SpaceSource.checkout(source) if source else SpaceSource.installed(), space_id, model_id,
+                        license)
     token = require_token(f"push the Space '{space_id}'")
     api = HfApi(token=token)
     with hub_errors(f"find the model '{model_id}'", model_id,
@@ -450,25 +317,27 @@ def build_parser() -> argparse.ArgumentParser:
     space = commands.add_parser("push-space", help="push the Gradio Space that serves a model from the Hub")
     space.add_argument("space_id", help="Hub Space, namespace/name (created when missing)")
     space.add_argument("--model", required=True, help="Hub id of the model the Space serves (pushed before)")
-    space.add_argument("--source", default=None, help=f"attrclf checkout holding app.py (default: {ROOT})")
+    space.add_argument("--source", default=None, help="attrclf checkout holding app.py and requirements.txt "
+                                                     "(default: the running attrclf, installed or checkout)")
     space.add_argument("--private", action="store_true", help="create the Space private")
     space.add_argument("--license", default="apache-2.0", help="license in the Space's front matter")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "push":
-            url = push_model(args.output_dir, args.repo_id, args.private, args.revision)
-            print(f"pushed {args.output_dir} to {args.repo_id}: {url}")
-        else:
-            url = push_space(args.space_id, args.model, args.source, args.private, args.license)
-            print(f"pushed the Space {args.space_id} (serving {args.model}, variable {SPACE_VARIABLE}): {url}")
-    except AttrclfError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.command == "push":
+        url = push_model(args.output_dir, args.repo_id, private=args.private, revision=args.revision)
+        print(f"pushed {args.output_dir} to {args.repo_id}: {url}")
+    else:
+        url = push_space(args.space_id, args.model, args.source, private=args.private, license=args.license)
+        print(f"pushed the Space {args.space_id} (serving {args.model}, variable {SPACE_VARIABLE}): {url}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m attrclf.hub push|push-space ...`; bad input is one line on stderr and exit code 2."""
+    return run_cli(_run, argv)
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def crossfit_confusion(probs, targets, mask, seed: int = 0):
     for fit_rows in (halves, ~halves):
         thresholds = tune_thresholds(probs[fit_rows], targets[fit_rows], mask[fit_rows])
         counts = confusion(probs[~fit_rows], targets[~fit_rows], mask[~fit_rows], thresholds)
-        total = [a + b for a, b in zip(total, counts)]
+        total = [a + b for a, b in zip(total, counts, strict=True)]
     return tuple(total)
 
 
@@ -150,7 +150,7 @@ def evaluate_predictions(probs, targets, mask, label_names: list[str], threshold
         "f1_micro_tuned": tuned["f1_micro"],
         "f1_macro_tuned": _clean(tuned["f1_macro"]),
         "f1_macro_tuned_crossfit": _clean(crossfit["f1_macro"]),
-        "evaluated_attributes": [n for n, e in zip(label_names, evaluated) if e],
+        "evaluated_attributes": [n for n, e in zip(label_names, evaluated, strict=True) if e],
         "num_images": int(len(probs)),
         "per_attribute": per_attribute,
     }

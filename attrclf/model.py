@@ -16,8 +16,9 @@ from timm.data import resolve_data_config
 from timm.models import group_parameters
 from torch import nn
 
+from . import __version__
+from .card import render_card
 from .errors import AttrclfError
-from .hub import render_card
 
 ALL_STAGES = "all"
 
@@ -39,6 +40,8 @@ class AttrConfig:
         crop_pct: Centre-crop fraction used by the evaluation transform.
         crop_mode: timm crop mode of the evaluation transform.
         thresholds: Per-attribute decision thresholds on probabilities (tuned on validation by training).
+        attrclf_version: The attrclf version that made the model (a config.json written before the field existed
+            loads with the running version).
     """
 
     label_names: list[str]
@@ -53,6 +56,7 @@ class AttrConfig:
     crop_pct: float = 0.95
     crop_mode: str = "center"
     thresholds: list[float] = field(default_factory=list)
+    attrclf_version: str = __version__
 
     def __post_init__(self):
         self.label_names = list(self.label_names)

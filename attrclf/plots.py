@@ -67,7 +67,8 @@ def plot_pr_curves(probs: np.ndarray, targets: np.ndarray, mask: np.ndarray, lab
     rows = math.ceil(len(label_names) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 3.0 * rows + 0.6), squeeze=False)
     tp, fp, fn = confusion(probs, targets, mask, thresholds)
-    for a, (ax, name) in enumerate(zip(axes.flat, label_names)):
+    # the grid may have more panels than attributes (the spare ones are hidden below): strict=False on purpose
+    for a, (ax, name) in enumerate(zip(axes.flat, label_names, strict=False)):
         scores, labels = probs[mask[:, a], a], targets[mask[:, a], a].astype(np.int64)
         positives, negatives = int(labels.sum()), int(len(labels) - labels.sum())
         ax.set_title(f"{name}\n{positives} positive / {negatives} negative", fontsize=9)

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import AttrclfError
+from .errors import AttrclfError, run_cli
+from .fileio import is_hub_id
 from .hub import hub_errors
 from .images import IMAGE_SUFFIXES, load_image
 from .model import AttrClassifier
@@ -25,9 +26,9 @@ from .transforms import FastEvalTransform, eval_transform
 def apply_thresholds(probs: np.ndarray, label_names: list[str], thresholds: list[float]) -> dict:
     """One image's (A,) probabilities -> {"probabilities", "thresholds", "present"}."""
     return {
-        "probabilities": {name: float(p) for name, p in zip(label_names, probs)},
-        "thresholds": {name: float(t) for name, t in zip(label_names, thresholds)},
-        "present": [name for name, p, t in zip(label_names, probs, thresholds) if p >= t],
+        "probabilities": {name: float(p) for name, p in zip(label_names, probs, strict=True)},
+        "thresholds": {name: float(t) for name, t in zip(label_names, thresholds, strict=True)},
+        "present": [name for name, p, t in zip(label_names, probs, thresholds, strict=True) if p >= t],
     }
 
 
@@ -36,7 +37,7 @@ def resolve_model_id(model: str | os.PathLike) -> str:
     text = str(model)
     if os.path.isdir(text):
         return text
-    if os.path.exists(text) or text.startswith((".", "/", "~")) or text.count("/") != 1:
+    if not is_hub_id(text):
         raise AttrclfError(
             f"model '{text}' is neither a model folder nor a Hub id (user/name). "
             f"Train one with `accelerate launch train.py` (it writes outputs/) or pass --model user/name."
@@ -57,7 +58,7 @@ class Predictor:
         channels_last: Run the model in NHWC memory layout (faster convolutions on CPU).
     """
 
-    def __init__(self, model: AttrClassifier, device: str | torch.device = "cpu", tta: bool = False,
+    def __init__(self, model: AttrClassifier, device: str | torch.device = "cpu", *, tta: bool = False,
                  fast_preprocess: bool = True, channels_last: bool = True):
         self.tta = tta
         self.device = torch.device(device)
@@ -68,11 +69,12 @@ class Predictor:
         self.config = model.config
         self.label_names = list(self.config.label_names)
         self.transform = eval_transform(self.config)
-        self.fast = FastEvalTransform(self.config) if fast_preprocess and FastEvalTransform.supports(self.config) else None
+        use_fast = fast_preprocess and FastEvalTransform.supports(self.config)
+        self.fast = FastEvalTransform(self.config) if use_fast else None
 
     @classmethod
-    def from_pretrained(cls, model_id: str, revision: str | None = None, device: str | None = None, tta: bool = False,
-                        fast_preprocess: bool = True, channels_last: bool = True, **kwargs):
+    def from_pretrained(cls, model_id: str, revision: str | None = None, device: str | None = None, *,
+                        tta: bool = False, fast_preprocess: bool = True, channels_last: bool = True, **kwargs):
         """Load from a local folder or a Hub repo (strict, safetensors only); the flags are `Predictor`'s."""
         model_id = resolve_model_id(model_id)
         where = f"'{model_id}'" + (f" at revision '{revision}'" if revision else "")
@@ -163,7 +165,7 @@ def predict_files(predictor: Predictor, paths: list[Path], threshold, batch_size
             results[path] = {"image": str(path), "error": f"cannot read image: {e}"}
     thresholds = predictor.thresholds(threshold)
     probs = predictor.probs_from_pixels([tensor for _, tensor in readable], batch_size)
-    for (path, _), p in zip(readable, probs):
+    for (path, _), p in zip(readable, probs, strict=True):
         results[path] = {"image": str(path), **apply_thresholds(p, predictor.label_names, thresholds)}
     return [results[path] for path in paths]
 
@@ -197,7 +199,7 @@ def format_csv(results: list[dict], label_names: list[str]) -> str:
     return buffer.getvalue()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m attrclf.predict",
                                      description="Predict attributes for images with a trained attrclf model.")
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
@@ -211,14 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation: average the probabilities of each image and its horizontal "
                              "mirror (twice the compute; not for attributes where left and right differ)")
-    args = parser.parse_args(argv)
-    try:
-        predictor = Predictor.from_pretrained(args.model, revision=args.revision, device=args.device, tta=args.tta)
-        predictor.thresholds(args.threshold)  # validate before any work
-        results = predict_files(predictor, expand_inputs(args.inputs), args.threshold, args.batch_size)
-    except AttrclfError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return parser
+
+
+def _run(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    predictor = Predictor.from_pretrained(args.model, revision=args.revision, device=args.device, tta=args.tta)
+    predictor.thresholds(args.threshold)  # validate before any work
+    results = predict_files(predictor, expand_inputs(args.inputs), args.threshold, args.batch_size)
     if args.format == "json":
         print(json.dumps(results, indent=2))
     elif args.format == "csv":
@@ -229,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"{len(failed)} of {len(results)} images could not be read", file=sys.stderr)
     return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m attrclf.predict`: 0, 1 when some image could not be read, 2 (one line on stderr) on bad input."""
+    return run_cli(_run, argv)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,16 @@
 """The Gradio app: upload an image, see every attribute's probability, move the thresholds without re-running the model.
 
-app.py is the wiring: `AppSettings.parse()` -> `load_predictor` -> `build_demo` -> `launch`. Everything that decides
-what the page shows is a plain function here (`read_upload`, `relabel`, `result_rows`, `present_markdown`,
-`model_markdown`, `example_images`), tested without a server.
+app.py is the wiring: `AppSettings.parse()` -> `build_app` (`load_predictor` + `build_demo`) -> `launch`; `attrclf app`
+runs the same through `main(argv)`. Everything that decides what the page shows is a plain function here
+(`read_upload`, `relabel`, `result_rows`, `present_markdown`, `model_markdown`, `example_images`), tested without a
+server.
 """
 
 import argparse
 import html
 import json
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +73,8 @@ class AppSettings:
         parser = argparse.ArgumentParser(prog="python app.py", description="Serve an attrclf model in a web page.")
         parser.add_argument("--model", default=environ.get("ATTRCLF_MODEL") or default_model(),
                             help="model folder or Hub id (default: $ATTRCLF_MODEL, else outputs/ if it exists)")
-        parser.add_argument("--host", default=None, help="address to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1)")
+        parser.add_argument("--host", default=None,
+                            help="address to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1)")
         parser.add_argument("--port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT or 7860)")
         parser.add_argument("--concurrency", type=int, default=cls.concurrency, help="predictions run at once")
         parser.add_argument("--threads", type=int, default=cls.threads, help="torch threads per prediction")
@@ -184,13 +187,15 @@ def model_markdown(predictor: Predictor, model: str) -> str:
     config = predictor.config
     metrics = read_metrics(model)
     validation = metrics.get("validation", {})
-    score = {key: "n/a" if validation.get(key) is None else f"{validation[key]:.3f}" for key in ("mAP", "f1_macro_tuned")}
+    score = {key: "n/a" if validation.get(key) is None else f"{validation[key]:.3f}"
+             for key in ("mAP", "f1_macro_tuned")}
     lines = [
         (f"**Model** `{model}`: {config.backbone}, input {config.input_size[1]}x{config.input_size[2]} px, "
          f"{len(config.label_names)} attributes."),
         (f"**Validation** mAP {score['mAP']}, macro-F1 at the tuned thresholds {score['f1_macro_tuned']}"
          + ("" if metrics else " (no metrics.json beside the model)") + "."),
-        "**Tuned thresholds:** " + ", ".join(f"{n} {t:.2f}" for n, t in zip(config.label_names, config.thresholds)),
+        "**Tuned thresholds:** "
+        + ", ".join(f"{n} {t:.2f}" for n, t in zip(config.label_names, config.thresholds, strict=True)),
     ]
     return "\n\n".join(lines)
 
@@ -291,7 +296,8 @@ def _model_page(predictor: Predictor, model: str, examples_folder: str | None) -
 
 
 def _wire(predictor: Predictor, image, use_global, threshold, probs, result, views) -> None:
-    """Events. The model runs only when the image changes; threshold moves re-label the probabilities held in `probs`."""
+    """Events. The model runs only when the image changes; threshold moves re-label the probabilities held in
+    `probs`."""
     names = predictor.label_names
 
     def predict(image: dict | None, use_global_threshold: bool = False, global_threshold: float = 0.5):
@@ -336,3 +342,17 @@ def launch(demo: gr.Blocks, settings: AppSettings, **kwargs):
         footer_links=["api", "gradio"],
         **kwargs,
     )
+
+
+def build_app(settings: AppSettings) -> gr.Blocks:
+    """The whole app for `settings`: the model loaded once (its status printed for the console), then the page."""
+    predictor, status = load_predictor(settings.model, settings.threads)
+    print(status, flush=True)
+    return build_demo(predictor, settings.model, status, settings.examples)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`attrclf app [flags]`: serve the app until interrupted (argv None: the process's own flags)."""
+    settings = AppSettings.parse(sys.argv[1:] if argv is None else argv)
+    launch(build_app(settings), settings)
+    return 0

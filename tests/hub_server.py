@@ -35,7 +35,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import yaml
 
 REPO_TYPES = ("model", "dataset", "space")
-INITIAL_GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.png filter=lfs diff=lfs merge=lfs -text\n"
+INITIAL_GITATTRIBUTES = (b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+                         b"*.png filter=lfs diff=lfs merge=lfs -text\n")
 
 
 def git_blob_id(content: bytes) -> str:
@@ -122,7 +123,8 @@ class FakeHub:
 
     def require_token(self, authorization: str | None) -> None:
         if not self.authorised(authorization):
-            message = "Invalid credentials in Authorization header" if authorization else "Invalid username or password."
+            message = ("Invalid credentials in Authorization header" if authorization
+                       else "Invalid username or password.")
             raise HubError(401, message, headers={"X-Error-Message": message})
 
     def repo(self, repo_type: str, repo_id: str, authorization: str | None, write: bool = False) -> Repo:

@@ -196,7 +196,8 @@ def api_predict(client, path, *thresholds):
 
 
 @pytest.mark.parametrize("name,twin", [("rgb.png", "rgb.png"), ("rgba.png", "rgba_twin.png"), ("gray.png", "gray.png"),
-                                       ("gray16.png", "gray.png"), ("cmyk.jpg", "cmyk.jpg"), ("exif.jpg", "exif_twin.png")])
+                                       ("gray16.png", "gray.png"), ("cmyk.jpg", "cmyk.jpg"),
+                                       ("exif.jpg", "exif_twin.png")])
 def test_api_gives_every_attribute_as_predictor_does(served, odd_images, name, twin):
     predictor, client = served.predictor, served.client
     result = api_predict(client, odd_images / name)
@@ -231,11 +232,13 @@ def test_api_global_threshold(served, odd_images):
     predictor, client = served.predictor, served.client
     probs = list(predictor.predict(odd_images / "rgb.png")["probabilities"].values())
     assert api_predict(client, odd_images / "rgb.png", True, 0.0)["present"] == NAMES
-    assert api_predict(client, odd_images / "rgb.png", True, 1.0)["present"] == [n for n, p in zip(NAMES, probs) if p >= 1]
+    at_one = [n for n, p in zip(NAMES, probs, strict=True) if p >= 1]
+    assert api_predict(client, odd_images / "rgb.png", True, 1.0)["present"] == at_one
     middle = float(np.median(probs))
     result = api_predict(client, odd_images / "rgb.png", True, middle)
     assert result["thresholds"] == dict.fromkeys(NAMES, middle)
-    assert result["present"] == [n for n, p in zip(NAMES, probs) if p >= middle] and 1 <= len(result["present"]) <= 2
+    assert result["present"] == [n for n, p in zip(NAMES, probs, strict=True) if p >= middle]
+    assert 1 <= len(result["present"]) <= 2
 
 
 def test_bad_uploads_get_clear_errors_and_the_server_keeps_serving(served, odd_images, tmp_path):

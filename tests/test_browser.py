@@ -20,6 +20,7 @@ from .test_app import free_port
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 TIMEOUT_S = 60
+pytestmark = pytest.mark.slow  # a subprocess app and a real chromium
 
 
 def chromium_path() -> str:
@@ -82,7 +83,7 @@ def wait_for_table(page, expected: dict, statuses: list[str], step: str) -> list
     while time.monotonic() < deadline:
         rows = read_table(page)
         if (len(rows) == len(expected) and [r[0] for r in rows] == list(expected)
-                and all(abs(float(r[1]) - p) < 1e-4 for r, p in zip(rows, expected.values()))
+                and all(abs(float(r[1]) - p) < 1e-4 for r, p in zip(rows, expected.values(), strict=True))
                 and [r[3] for r in rows] == statuses):
             return rows
         page.wait_for_timeout(200)
@@ -107,7 +108,10 @@ def test_upload_read_table_move_threshold_click_example(app, tmp_path):
             assert "test_resnet" in page.locator("#model").inner_text()
 
             page.locator("#image input[type=file]").set_input_files(str(image))
-            status = lambda result: ["PRESENT" if n in result["present"] else "absent" for n in result["probabilities"]]
+
+            def status(result):
+                return ["PRESENT" if n in result["present"] else "absent" for n in result["probabilities"]]
+
             rows = wait_for_table(page, expected["probabilities"], status(expected), "upload")
             assert [float(r[2]) for r in rows] == [0.5] * len(rows)
             present = page.locator("#present").inner_text()

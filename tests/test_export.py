@@ -23,6 +23,7 @@ def exported(saved_model, tmp_path_factory):
     return path, model, printed.getvalue()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_onnxruntime_matches_pytorch(exported, batch_size):
     path, model, _ = exported
@@ -35,6 +36,7 @@ def test_onnxruntime_matches_pytorch(exported, batch_size):
     assert np.abs(logits - expected).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_graph_has_a_dynamic_batch_axis_and_the_config_in_its_metadata(exported):
     path, _, _ = exported
     proto = onnx.load(str(path))
@@ -47,6 +49,7 @@ def test_graph_has_a_dynamic_batch_axis_and_the_config_in_its_metadata(exported)
     assert metadata["attrclf_config"]["backbone"] == "test_resnet"
 
 
+@pytest.mark.slow
 def test_cli_prints_the_check_and_the_labels(exported):
     path, _, out = exported
     assert "max abs diff vs PyTorch: batch 1:" in out and "batch 3:" in out
@@ -64,6 +67,7 @@ def test_bad_paths_are_clear_errors_and_leave_files_alone(saved_model, tmp_path,
     assert previous.read_bytes() == b"previous export"
 
 
+@pytest.mark.slow
 def test_a_failed_check_writes_nothing(saved_model, exported, tmp_path, monkeypatch):
     previous = tmp_path / "m.onnx"
     previous.write_bytes(b"previous export")

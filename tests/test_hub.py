@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -19,16 +18,8 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard, constants
 
-from attrclf import AttrClassifier, AttrclfError, AttrConfig, Predictor
-from attrclf.engine import TrainConfig
-from attrclf.hub import (
-    backbone_origin,
-    check_can_push,
-    check_repo_id,
-    model_files,
-    render_card,
-    runtime_requirements,
-)
+from attrclf import AttrClassifier, AttrclfError, Predictor
+from attrclf.hub import check_can_push, check_repo_id, model_files, runtime_requirements
 
 from . import hub_server
 from .conftest import REPO, write_image
@@ -84,6 +75,7 @@ def folder_state(folder: Path) -> dict:
 # ---------------------------------------------------------------- push at the end of training
 
 
+@pytest.mark.slow
 def test_training_pushes_the_output_folder_in_one_commit(hub, trained):
     out, result = trained
     local = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -99,6 +91,7 @@ def test_training_pushes_the_output_folder_in_one_commit(hub, trained):
     assert hub.unhandled == []
 
 
+@pytest.mark.slow
 def test_pushed_card_metadata_and_numbers_are_the_runs(hub, trained):
     out, _ = trained
     metrics = json.loads((out / "metrics.json").read_text())
@@ -125,7 +118,8 @@ def test_pushed_card_metadata_and_numbers_are_the_runs(hub, trained):
     for name, row in validation["per_attribute"].items():
         counts = metrics["data"]["train_counts"][name]
         assert f"| {name} | {counts['positive']} | {counts['negative']} | {counts['na']} |" in text
-        assert f"| {name} | {row['ap']:.3f} | {row['f1']:.3f} | {row['f1_at_0.5']:.3f} | {row['precision']:.3f} |" in text
+        scores = f"| {row['ap']:.3f} | {row['f1']:.3f} | {row['f1_at_0.5']:.3f} | {row['precision']:.3f} |"
+        assert f"| {name} {scores}" in text
     assert f"mAP **{validation['mAP']:.3f}**" in text and f"**{validation['f1_macro_tuned_crossfit']:.3f}**" in text
     assert f"ran {metrics['epochs_run']} of at most 2" in text and "Stages: one stage training every layer" in text
     for image in ("loss_curve.png", "pr_curves.png"):
@@ -186,6 +180,7 @@ def pulled(hub, trained, more_pushes, tmp_path_factory):
     return tmp, json.loads((tmp / "pulled.json").read_text())
 
 
+@pytest.mark.slow
 def test_fresh_process_loads_the_pushed_model_by_id(hub, trained, pulled):
     tmp, found = pulled
     assert np.array_equal(np.load(tmp / "hub_logits.npy"), np.load(tmp / "local_logits.npy"))
@@ -196,6 +191,7 @@ def test_fresh_process_loads_the_pushed_model_by_id(hub, trained, pulled):
     assert hub.unhandled == []
 
 
+@pytest.mark.slow
 def test_revisions_and_private_repos(hub, pulled):
     found = pulled[1]
     assert found["v2"] == ["red", "round", "big"]
@@ -207,6 +203,7 @@ def test_revisions_and_private_repos(hub, pulled):
     assert found["private_with_token"] == ["red", "round", "big"]
 
 
+@pytest.mark.slow
 def test_push_to_a_branch_replaces_the_package_and_keeps_main(hub, more_pushes):
     v2 = hub.files(MODEL_ID, "v2")
     # branched from main, then the package replaced: main's reports and plots are gone, not left beside new weights
@@ -217,6 +214,7 @@ def test_push_to_a_branch_replaces_the_package_and_keeps_main(hub, more_pushes):
     assert "# attrclf: test_resnet" in card and "Not recorded" in card  # our card, not the mixin's default
 
 
+@pytest.mark.slow
 def test_predict_cli_by_id_and_revision(hub, more_pushes, tmp_path):
     image = write_image(tmp_path / "img" / "red.png", (220, 20, 20), (40, 40))
     predicted = run(["-m", "attrclf.predict", "--model", MODEL_ID, "--revision", "v2", str(image), "--format", "json"],
@@ -238,6 +236,7 @@ def closed_port_endpoint() -> str:
         return f"http://127.0.0.1:{s.getsockname()[1]}"  # closed when the block ends: connection refused
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, message", [
     ("server down", "is unreachable"),
     ("no token", "no Hugging Face token"),
@@ -265,7 +264,8 @@ def test_push_to_hub_without_a_token_fails_before_training(tmp_path, monkeypatch
         check_can_push(MODEL_ID)
     with pytest.raises(AttrclfError, match="--push-to-hub 'attrclf' needs a namespace"):
         check_can_push("attrclf")
-    train = (REPO / "train.py").read_text()  # the check is train.py's first step, before any data or model
+    # the check is training's first step, before any data or model
+    train = (REPO / "attrclf" / "training.py").read_text()
     assert train.index("check_can_push(cfg.push_to_hub)") < train.index("load_training_data(cfg")
 
 
@@ -290,6 +290,7 @@ def test_only_the_model_package_is_pushed(saved_model, tmp_path):
                                                      "model.safetensors"]
 
 
+@pytest.mark.slow
 def test_no_token_in_any_pushed_or_written_file(hub, trained):
     stored = [p.read_bytes() for p in hub.blobs.iterdir()]
     written = [p.read_bytes() for p in trained[0].rglob("*") if p.is_file()]
@@ -309,6 +310,7 @@ def source_root(tmp_path):
     return root
 
 
+@pytest.mark.slow
 def test_push_space_uploads_exactly_the_space(hub, trained, source_root, tmp_path):
     env = client_env(hub.endpoint, tmp_path / "home")
     result = run(["-m", "attrclf.hub", "push-space", "user/attrclf-demo", "--model", MODEL_ID,
@@ -335,6 +337,7 @@ def test_push_space_uploads_exactly_the_space(hub, trained, source_root, tmp_pat
     assert hub.unhandled == []
 
 
+@pytest.mark.slow
 def test_the_pushed_space_serves_the_model_by_id(hub, trained, tmp_path):
     """The real app.py and package, pushed as a Space, then run from the Space's files with ATTRCLF_MODEL=user/attrclf
     (the model pulled from the Hub by id, as on huggingface.co): its /predict equals the local Predictor's."""
@@ -379,6 +382,7 @@ def test_the_pushed_space_serves_the_model_by_id(hub, trained, tmp_path):
     assert served["present"] == expected["present"]
 
 
+@pytest.mark.slow
 def test_push_space_refuses_without_app_or_model(hub, source_root, tmp_path):
     env = client_env(hub.endpoint, tmp_path / "home")
     missing_model = run(["-m", "attrclf.hub", "push-space", "user/demo2", "--model", "user/never-pushed",
@@ -396,35 +400,3 @@ def test_runtime_requirements_drop_the_test_tools():
     text = ("# a comment\ntorch==2.14.1\ngradio==6.31.0\nruff==0.1\npytest-timeout==2\n\n# tests (below: test-only)\n"
             "pytest==9.2.0\nscikit-learn==1.9.1\n")
     assert runtime_requirements(text) == "# a comment\ntorch==2.14.1\ngradio==6.31.0\n"
-
-
-# ---------------------------------------------------------------- the card, in process
-
-
-def test_card_of_a_model_saved_outside_training(tmp_path, tiny_model_factory):
-    model = tiny_model_factory(("smiling", "hat"))
-    model.save_pretrained(tmp_path)
-    card = ModelCard.load(tmp_path / "README.md")
-    assert card.data.library_name == "attrclf" and card.data.eval_results is None
-    assert "`smiling`, `hat`" in card.text and "Not recorded" in card.text and "PytorchModelHubMixin" not in card.text
-    (tmp_path / "README.md").write_text("my card")
-    model.save_pretrained(tmp_path)
-    assert (tmp_path / "README.md").read_text() == "my card"  # a rendered card is never overwritten
-
-
-@pytest.mark.parametrize("train_config, base_model, origin", [
-    ({"backbone": "resnet18", "pretrained": True}, "timm/resnet18.a1_in1k", "[`timm/resnet18.a1_in1k`]"),
-    ({"backbone": "resnet18", "pretrained": True, "backbone_weights": "/w/imagenet.pth"}, None,
-     "pretrained weights from the local file `imagenet.pth`"),
-    ({"backbone": "resnet18", "pretrained": False}, None, "random initial weights (trained from scratch)"),
-])
-def test_base_model_only_when_timm_weights_were_downloaded(train_config, base_model, origin):
-    card = render_card(asdict(AttrConfig(["a"], backbone="resnet18")), train_config=train_config)
-    assert card.data.base_model == base_model
-    assert origin in backbone_origin(train_config)
-
-
-def test_hub_dataset_id_is_named_in_the_card():
-    assert TrainConfig(data="someone/faces").resolve().dataset_id == "someone/faces"
-    assert TrainConfig(data=str(REPO)).resolve().dataset_id is None
-    assert TrainConfig().resolve().dataset_id is None

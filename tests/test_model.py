@@ -6,7 +6,7 @@ import safetensors.torch
 import timm
 import torch
 
-from attrclf import AttrClassifier, AttrConfig, AttrclfError
+from attrclf import AttrClassifier, AttrclfError, AttrConfig
 from attrclf.engine import TrainConfig, make_optimizer
 from attrclf.model import build_head
 
@@ -96,7 +96,8 @@ def test_pretrained_download_failure_names_both_alternatives():
 def test_backbone_weights_file_is_loaded(tmp_path):
     source = timm.create_model("test_resnet", num_classes=1000)
     safetensors.torch.save_file(source.state_dict(), tmp_path / "w.safetensors")
-    model = AttrClassifier(AttrConfig.for_backbone("test_resnet", ["a"]), backbone_weights=str(tmp_path / "w.safetensors"))
+    model = AttrClassifier(AttrConfig.for_backbone("test_resnet", ["a"]),
+                           backbone_weights=str(tmp_path / "w.safetensors"))
     for name, value in model.backbone.state_dict().items():
         assert torch.equal(value, source.state_dict()[name]), name
     with pytest.raises(AttrclfError, match="does not exist"):

@@ -36,7 +36,8 @@ def test_predictor_matches_model_on_preprocessed_image(saved_model, images):
     assert list(result["probabilities"]) == ["red", "round", "big"]
     assert np.allclose(list(result["probabilities"].values()), expected, atol=1e-6)
     assert result["thresholds"] == {"red": 0.3, "round": 0.5, "big": 0.7}
-    assert result["present"] == [n for n, p, t in zip(["red", "round", "big"], expected, [0.3, 0.5, 0.7]) if p >= t]
+    assert result["present"] == [n for n, p, t in zip(["red", "round", "big"], expected, [0.3, 0.5, 0.7], strict=True)
+                                 if p >= t]
 
 
 def test_batch_and_global_threshold(saved_model, images):
@@ -44,9 +45,10 @@ def test_batch_and_global_threshold(saved_model, images):
     paths = sorted(images.iterdir())
     results = predictor.predict(paths, threshold=0.0)
     assert len(results) == 3 and all(r["present"] == ["red", "round", "big"] for r in results)
-    assert all(r["present"] == [] for r in predictor.predict(paths, threshold=1.0) if max(r["probabilities"].values()) < 1)
+    at_one = predictor.predict(paths, threshold=1.0)
+    assert all(r["present"] == [] for r in at_one if max(r["probabilities"].values()) < 1)
     single = [predictor.predict(p) for p in paths]
-    for one, batched in zip(single, results):
+    for one, batched in zip(single, results, strict=True):
         assert list(one["probabilities"].values()) == pytest.approx(list(batched["probabilities"].values()), abs=1e-6)
     with pytest.raises(AttrclfError, match="between 0 and 1"):
         predictor.predict(paths[0], threshold=1.5)
@@ -84,6 +86,7 @@ def test_cli_reports_unreadable_image_and_continues(saved_model, images, capsys)
     assert "1 of 4 images could not be read" in captured.err
 
 
+@pytest.mark.slow
 def test_cli_missing_model_is_a_clear_error_without_traceback(tmp_path, images):
     result = subprocess.run(
         [sys.executable, "-m", "attrclf.predict", "--model", str(tmp_path / "nope"), str(images / "red.png")],

@@ -1,0 +1,57 @@
+"""Training as a command: check the push, start Accelerate, load the data, train (or cross-validate), push.
+
+`attrclf train`, `python train.py`, `accelerate launch train.py` and `accelerate launch -m attrclf train` all run
+`main(argv)`; the flags are TrainConfig's (`attrclf train --help`).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from accelerate import Accelerator
+
+from .engine import (
+    TrainConfig,
+    configure_threads,
+    cross_validate,
+    load_training_data,
+    parse_args,
+    resolve_mixed_precision,
+    train_and_save,
+)
+from .errors import run_cli
+from .hub import check_can_push, push_model
+
+
+def training_function(cfg: TrainConfig) -> dict:
+    """Train one model (or cfg.folds of them) and push it when asked; returns its metrics.json content."""
+    if cfg.push_to_hub:
+        check_can_push(cfg.push_to_hub)  # no token or a bad id: say so now, not after training
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision))
+    configure_threads(cfg, accelerator)
+    data = load_training_data(cfg, accelerator)
+    accelerator.print(
+        f"data: {data.source}: {len(data.train)} train / {len(data.validation)} validation images, "
+        f"{len(data.label_names)} attributes ({data.split}); {len(data.skipped)} unreadable image(s) skipped"
+    )
+    for item in data.skipped[:10]:
+        accelerator.print(f"  skipped {item['image']}: {item['reason']}")
+    for message in data.warnings:
+        accelerator.print(f"warning: {message}")
+    if cfg.folds:
+        return cross_validate(cfg, data, accelerator)
+    metrics = train_and_save(cfg, data, accelerator)
+    if cfg.push_to_hub and accelerator.is_main_process:
+        url = push_model(cfg.output_dir, cfg.push_to_hub, private=cfg.hub_private)
+        accelerator.print(f"pushed {cfg.output_dir}/ to {cfg.push_to_hub}: {url}")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the flags and train; an AttrclfError propagates (run_cli turns it into one line and exit code 2)."""
+    training_function(parse_args(argv).resolve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,72 @@
+"""The model card (attrclf/card.py): rendered in process from config / metrics / train_config, no network."""
+
+import json
+from dataclasses import asdict
+
+import pytest
+from huggingface_hub import ModelCard
+
+from attrclf import AttrConfig, __version__, card
+from attrclf.card import backbone_origin, render_card
+from attrclf.engine import TrainConfig
+
+from .conftest import REPO
+
+
+def test_card_of_a_model_saved_outside_training(tmp_path, tiny_model_factory):
+    model = tiny_model_factory(("smiling", "hat"))
+    model.save_pretrained(tmp_path)
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.library_name == "attrclf" and card.data.eval_results is None
+    assert "`smiling`, `hat`" in card.text and "Not recorded" in card.text and "PytorchModelHubMixin" not in card.text
+    (tmp_path / "README.md").write_text("my card")
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "README.md").read_text() == "my card"  # a rendered card is never overwritten
+
+
+@pytest.mark.parametrize("train_config, base_model, origin", [
+    ({"backbone": "resnet18", "pretrained": True}, "timm/resnet18.a1_in1k", "[`timm/resnet18.a1_in1k`]"),
+    ({"backbone": "resnet18", "pretrained": True, "backbone_weights": "/w/imagenet.pth"}, None,
+     "pretrained weights from the local file `imagenet.pth`"),
+    ({"backbone": "resnet18", "pretrained": False}, None, "random initial weights (trained from scratch)"),
+])
+def test_base_model_only_when_timm_weights_were_downloaded(train_config, base_model, origin):
+    card = render_card(asdict(AttrConfig(["a"], backbone="resnet18")), train_config=train_config)
+    assert card.data.base_model == base_model
+    assert origin in backbone_origin(train_config)
+
+
+def test_hub_dataset_id_is_named_in_the_card():
+    assert TrainConfig(data="someone/faces").resolve().dataset_id == "someone/faces"
+    assert TrainConfig(data=str(REPO)).resolve().dataset_id is None
+    assert TrainConfig().resolve().dataset_id is None
+
+
+def test_the_card_names_the_attrclf_version_that_saved_the_model(tmp_path, tiny_model_factory):
+    model = tiny_model_factory(("smiling", "hat"))
+    assert model.config.attrclf_version == __version__
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["attrclf_version"] == __version__
+    assert f"Saved by attrclf {__version__}." in ModelCard.load(tmp_path / "README.md").text
+    older = render_card({**asdict(model.config), "attrclf_version": "0.0.9"})
+    assert "Saved by attrclf 0.0.9." in older.text
+
+
+def test_a_config_json_without_a_version_still_loads(tmp_path, tiny_model_factory):
+    from attrclf import AttrClassifier
+
+    model = tiny_model_factory(("smiling", "hat"))
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["attrclf_version"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = AttrClassifier.from_pretrained(str(tmp_path))
+    assert loaded.config.label_names == ["smiling", "hat"] and loaded.config.attrclf_version == __version__
+
+
+def test_the_template_comes_from_the_package_when_installed(tmp_path, monkeypatch):
+    assert card.card_template() == (REPO / "hub_card.md").read_text()  # a checkout: no copy inside attrclf/
+    (tmp_path / "hub_card.md").write_text("---\n{{ card_data }}\n---\n\npackaged template for {{ config.backbone }}\n")
+    monkeypatch.setattr(card.resources, "files", lambda package: tmp_path)
+    rendered = render_card(asdict(AttrConfig(["a"], backbone="resnet18")))
+    assert rendered.text.strip() == "packaged template for resnet18"
