@@ -7,15 +7,10 @@ import sys
 
 from accelerate import Accelerator
 
-from attrclf.engine import (
-    TrainConfig,
-    configure_threads,
-    cross_validate,
-    load_training_data,
-    parse_args,
-    resolve_mixed_precision,
-    train_and_save,
-)
+from attrclf.config import TrainConfig, parse_args
+from attrclf.crossval import cross_validate
+from attrclf.engine import load_training_data, train_and_save
+from attrclf.hardware import configure_threads, resolve_mixed_precision
 from attrclf.errors import AttrclfError
 from attrclf.hub import check_can_push, push_model
 

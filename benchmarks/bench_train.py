@@ -20,18 +20,14 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from attrclf.config import TrainConfig
 from attrclf.data import eval_transform, make_loader, prepare_data, train_transform
-from attrclf.engine import (
-    CachedHeadStage,
-    TrainConfig,
-    build_model,
-    configure_threads,
-    evaluate,
-    make_optimizer,
-    resolve_mixed_precision,
-    train_one_epoch,
-)
+from attrclf.engine import build_model, evaluate, train_one_epoch
+from attrclf.hardware import configure_threads, resolve_mixed_precision
+from attrclf.headcache import CachedHeadStage
 from attrclf.losses import build_loss
+from attrclf.optim import make_optimizer
+from attrclf.state import RunState
 
 from . import seed_baseline
 from .common import EMOJI, GROUP_COLUMN, subset_labels, table, write_result
@@ -91,15 +87,15 @@ class AttrclfRunner:
                                    cfg.seed, channels_last=cfg.channels_last)
         self.model, self.optimizer, self.train_loader, self.val_loader = accelerator.prepare(
             model, optimizer, train_loader, val_loader)
-        self.state = {"step": 0, "history": {"iterations": {"step": [], "epoch": [], "loss": []}}}
+        self.state = RunState()
 
     def head_stage(self) -> list[float]:
         """Seconds of each head epoch (train + validate); the first includes the one backbone pass."""
         stage, seconds = CachedHeadStage(self.data, self.cfg), []
         for epoch in range(self.cfg.head_epochs):
             start = time.perf_counter()
-            stage.run_epoch(self.model, self.optimizer, self.val_loader, self.loss_fn, self.accelerator, self.state,
-                            epoch)
+            stage.run_epoch(self.model, self.optimizer, self.val_loader, self.loss_fn, accelerator=self.accelerator,
+                            state=self.state, epoch=epoch)
             synchronize(self.accelerator)
             seconds.append(time.perf_counter() - start)
         self.accelerator.unwrap_model(self.model).set_trainable(self.cfg.unfreeze)
@@ -107,14 +103,14 @@ class AttrclfRunner:
 
     def train(self, steps: int) -> tuple[int, float]:
         run = TrainConfig(**{**vars(self.cfg), "max_steps": steps})
-        timed = {**self.state, "step": 0}
+        timed = RunState()  # its own step count: the schedule starts again, as the timed pass always did
         synchronize(self.accelerator)
         start = time.perf_counter()
         # the epoch index only labels the progress bar; the steps may stop at the end of the epoch (drop_last: full)
-        train_one_epoch(self.model, self.train_loader, self.optimizer, self.loss_fn, self.accelerator, timed, run,
-                        self.cfg.head_epochs)
+        train_one_epoch(self.model, self.train_loader, self.optimizer, self.loss_fn, accelerator=self.accelerator,
+                        state=timed, cfg=run, epoch=self.cfg.head_epochs)
         synchronize(self.accelerator)
-        return timed["step"] * self.cfg.batch_size * self.accelerator.num_processes, time.perf_counter() - start
+        return timed.step * self.cfg.batch_size * self.accelerator.num_processes, time.perf_counter() - start
 
     def validate_seconds(self) -> float:
         start = time.perf_counter()
