@@ -253,8 +253,9 @@ def run_epoch(prepared: Prepared, parts: TrainingParts, cfg: TrainConfig, accele
     score = val_map if val_map is not None else -validation.loss
     improved = best is None or score > best.score + 1e-6
     lrs, seconds = current_lrs(prepared.optimizer), time.time() - start
-    record = EpochRecord(epoch + 1, prepared.stage, train_loss, validation.loss, val_map, lrs.get("head"),
-                         lrs.get("backbone") if prepared.stage == "finetune" else 0.0,
+    record = EpochRecord(epoch=epoch + 1, stage=prepared.stage, train_loss=train_loss, val_loss=validation.loss,
+                         val_mAP=val_map, lr_head=lrs.get("head"),
+                         lr_backbone=lrs.get("backbone") if prepared.stage == "finetune" else 0.0,
                          seconds=round(seconds, 2), bad_images=len(failed))
     run.history.epochs.append(record)
     report_epoch(record, cfg, accelerator, improved=improved, failed=failed)
@@ -272,7 +273,8 @@ def keep_best(model, validation: ValidationResult, accelerator: Accelerator, *, 
     """A CPU copy of the weights (contiguous: safetensors stores no channels_last), with the validation output."""
     state_dict = accelerator.unwrap_model(model).state_dict()
     weights = {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True) for k, v in state_dict.items()}
-    return BestEpoch(score, epoch, validation.loss, weights, validation.probs, validation.targets, validation.mask)
+    return BestEpoch(score=score, epoch=epoch, val_loss=validation.loss, state=weights, probs=validation.probs,
+                     targets=validation.targets, mask=validation.mask)
 
 
 def report_epoch(record: EpochRecord, cfg: TrainConfig, accelerator: Accelerator, *, improved: bool,

@@ -12,7 +12,7 @@ import torch
 from .metrics import mean_average_precision
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EpochRecord:
     """One row of history.json's per-epoch columns."""
 
@@ -116,7 +116,7 @@ class ValidationResult:
         return mean_average_precision(self.probs, self.targets, self.mask)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BestEpoch:
     """The best epoch so far: its score (mAP, or -loss without one), weights (CPU, contiguous) and validation output."""
 

@@ -26,9 +26,11 @@ def fitted(tiny_data, tiny_model_factory):
     targets = np.array([[v or 0 for v in row] for row in data.validation["labels"]], dtype=np.float32)
     mask = np.array([[v is not None for v in row] for row in data.validation["labels"]])
     probs = np.clip(targets * 0.6 + rng.random(targets.shape) * 0.4, 0, 1).astype(np.float32)
-    best = BestEpoch(0.9, 2, 0.4, {k: v.clone() for k, v in model.state_dict().items()}, probs, targets, mask)
-    history = History(epochs=[EpochRecord(e, "finetune", 0.5, 0.4, 0.9, 1e-3, 1e-3, 1.0, 0) for e in (1, 2)],
-                      best_epoch=2)
+    best = BestEpoch(score=0.9, epoch=2, val_loss=0.4, state={k: v.clone() for k, v in model.state_dict().items()},
+                     probs=probs, targets=targets, mask=mask)
+    epochs = [EpochRecord(epoch=e, stage="finetune", train_loss=0.5, val_loss=0.4, val_mAP=0.9, lr_head=1e-3,
+                          lr_backbone=1e-3, seconds=1.0, bad_images=0) for e in (1, 2)]
+    history = History(epochs=epochs, best_epoch=2)
     result = FitResult(history, best, epochs_run=2, stopped_early=False, seconds=2.04, pos_weight=[1.0, 2.0, 3.0],
                        decode_failures={"x.png": 2})
     return model, data, result

@@ -24,7 +24,9 @@ def test_old_training_state_loads_and_writes_back_the_same():
     run = RunState.from_dict(json.loads(json.dumps(saved)))
     assert (run.epoch, run.step, run.since_best, run.stop, run.seconds) == (2, 6, 1, None, 12.5)
     assert run.decode_failures == {"x.png": 1} and run.history.best_epoch is None
-    assert run.history.epochs[1] == EpochRecord(2, "finetune", 0.62, 0.66, None, 0.0019, 0.0001, 6.4, 1)
+    assert run.history.epochs[1] == EpochRecord(epoch=2, stage="finetune", train_loss=0.62, val_loss=0.66,
+                                                val_mAP=None, lr_head=0.0019, lr_backbone=0.0001, seconds=6.4,
+                                                bad_images=1)
     assert run.to_dict() == OLD_RUN
     assert json.loads(json.dumps(run.to_dict())) == OLD_RUN
 
@@ -35,7 +37,8 @@ def test_history_json_form_and_round_trip():
     for step, loss in ((1, 0.5), (2, 0.25)):
         run.step = step
         run.record_step(0, loss)
-    history.epochs.append(EpochRecord(1, "head", 0.375, 0.4, 0.75, 0.01, 0.0, 1.5, 0))
+    history.epochs.append(EpochRecord(epoch=1, stage="head", train_loss=0.375, val_loss=0.4, val_mAP=0.75,
+                                      lr_head=0.01, lr_backbone=0.0, seconds=1.5, bad_images=0))
     assert history.to_dict() == {"iterations": {"step": [1, 2], "epoch": [1, 1], "loss": [0.5, 0.25]},
                                  "epochs": {"epoch": [1], "stage": ["head"], "train_loss": [0.375], "val_loss": [0.4],
                                             "val_mAP": [0.75], "lr_head": [0.01], "lr_backbone": [0.0],
@@ -47,5 +50,5 @@ def test_history_json_form_and_round_trip():
 
 
 def test_best_epoch_summary_is_what_the_state_file_records():
-    best = BestEpoch(0.5, 3, 0.7, state={}, probs=None, targets=None, mask=None)
+    best = BestEpoch(score=0.5, epoch=3, val_loss=0.7, state={}, probs=None, targets=None, mask=None)
     assert best.summary() == {"score": 0.5, "epoch": 3, "val_loss": 0.7}
