@@ -123,14 +123,15 @@ def evaluate(model, loader, loss_fn, accelerator: Accelerator) -> ValidationResu
 
 @dataclass
 class TrainingParts:
-    """One run's pieces before `accelerator.prepare` wraps them; `failures` count images that break mid-training."""
+    """One run's pieces before `accelerator.prepare` wraps them; the failures count images that break mid-training."""
 
     model: AttrClassifier
     loss_fn: torch.nn.Module
     optimizer: torch.optim.Optimizer
     train_loader: torch.utils.data.DataLoader
     val_loader: torch.utils.data.DataLoader
-    failures: tuple[DecodeFailures, DecodeFailures]
+    train_failures: DecodeFailures
+    val_failures: DecodeFailures
     pos_weight: torch.Tensor
     head_stage: CachedHeadStage | None = None
 
@@ -157,18 +158,20 @@ def setup_training(model: AttrClassifier, data: AttrData, cfg: TrainConfig, acce
     loss_fn = build_loss(cfg.loss, pos_weight, **cfg.loss_options()).to(accelerator.device)
     sample_weights = (balanced_sample_weights(data.train["labels"], num_labels, cfg.pos_weight_cap)
                       if cfg.balanced_sampler else None)
-    failures = (DecodeFailures(data.train["image_name"]), DecodeFailures(data.validation["image_name"]))
+    train_failures = DecodeFailures(data.train["image_name"])
+    val_failures = DecodeFailures(data.validation["image_name"])
     augment = train_transform(model.config, crop_scale=cfg.crop_scale, hflip=cfg.hflip, color_jitter=cfg.color_jitter,
                               random_erasing=cfg.random_erasing)
     train_loader = make_loader(data.train, augment, cfg.batch_size, True, num_workers=cfg.num_workers, seed=cfg.seed,
-                               sample_weights=sample_weights, failures=failures[0], channels_last=cfg.channels_last)
+                               sample_weights=sample_weights, failures=train_failures, channels_last=cfg.channels_last)
     val_loader = make_loader(data.validation, eval_transform(model.config), cfg.batch_size, False,
-                             num_workers=cfg.num_workers, failures=failures[1], channels_last=cfg.channels_last)
+                             num_workers=cfg.num_workers, failures=val_failures, channels_last=cfg.channels_last)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)  # in place: the optimizer's parameters stay the same objects
     head_stage = CachedHeadStage(data, cfg) if uses_feature_cache(cfg) else None
-    return TrainingParts(model, loss_fn, make_optimizer(model, cfg), train_loader, val_loader, failures, pos_weight,
-                         head_stage)
+    return TrainingParts(model, loss_fn, make_optimizer(model, cfg), train_loader, val_loader,
+                         train_failures=train_failures, val_failures=val_failures, pos_weight=pos_weight,
+                         head_stage=head_stage)
 
 
 def prepare_stage(accelerator: Accelerator, parts: TrainingParts, cfg: TrainConfig, stage: str, *,
@@ -305,7 +308,7 @@ def stop_reason(run: RunState, cfg: TrainConfig, accelerator: Accelerator) -> st
 
 def take_decode_failures(parts: TrainingParts, accelerator: Accelerator) -> list[str]:
     """Images that failed to decode this epoch on any process, each named once."""
-    failed = parts.failures[0].take() + parts.failures[1].take()
+    failed = parts.train_failures.take() + parts.val_failures.take()
     return sorted(set(gather_object(failed))) if accelerator.num_processes > 1 else sorted(set(failed))
 
 

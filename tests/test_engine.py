@@ -75,11 +75,14 @@ def test_per_epoch_map_equals_the_full_suite_and_costs_a_fraction_of_it():
     names = [f"a{i}" for i in range(6)]
     assert result.mean_ap() == evaluate_predictions(probs, targets, mask, names, [0.5] * 6)["mAP"]
 
-    def seconds(work, repeats=20):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            work()
-        return (time.perf_counter() - start) / repeats
+    def seconds(work, rounds=5, repeats=10):  # the best round: other jobs on a shared machine only add time
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for _ in range(repeats):
+                work()
+            times.append((time.perf_counter() - start) / repeats)
+        return min(times)
 
     quick = seconds(result.mean_ap)
     full = seconds(lambda: evaluate_predictions(probs, targets, mask, names, [0.5] * 6))
