@@ -10,8 +10,8 @@ from accelerate import Accelerator
 from attrclf.config import TrainConfig, parse_args
 from attrclf.crossval import cross_validate
 from attrclf.engine import load_training_data, train_and_save
-from attrclf.hardware import configure_threads, resolve_mixed_precision
 from attrclf.errors import AttrclfError
+from attrclf.hardware import configure_threads, resolve_mixed_precision
 from attrclf.hub import check_can_push, push_model
 
 
