@@ -103,6 +103,28 @@ def crossfit_confusion(probs, targets, mask, seed: int = 0):
     return tuple(total)
 
 
+def per_attribute_ap(probs, targets, mask) -> tuple[np.ndarray, np.ndarray]:
+    """(A,) AP of each attribute over its known labels, and (A,) bool: the attribute has both classes known.
+
+    Inputs as `evaluate_predictions` takes them. AP is NaN for an attribute without a known positive.
+    """
+    probs, targets, mask = np.asarray(probs, np.float64), np.asarray(targets), np.asarray(mask, bool)
+    targets = np.where(mask, targets, 0).astype(np.int64)
+    evaluated = (mask & (targets == 1)).any(0) & (mask & (targets == 0)).any(0)
+    ap = np.array([average_precision(probs[mask[:, a], a], targets[mask[:, a], a]) for a in range(probs.shape[1])])
+    return ap, evaluated
+
+
+def mean_average_precision(probs, targets, mask) -> float | None:
+    """mAP over the attributes with both classes among their known labels; None when there is none.
+
+    The same figure as `evaluate_predictions(...)["mAP"]`, without the F1 and threshold searches: what each training
+    epoch needs for early stopping.
+    """
+    ap, evaluated = per_attribute_ap(probs, targets, mask)
+    return _clean(ap[evaluated].mean()) if evaluated.any() else None
+
+
 def evaluate_predictions(probs, targets, mask, label_names: list[str], thresholds: list[float] | None = None) -> dict:
     """Every validation metric, NA skipped.
 
@@ -121,8 +143,7 @@ def evaluate_predictions(probs, targets, mask, label_names: list[str], threshold
     targets = np.where(mask, targets, 0).astype(np.int64)
     positives = (mask & (targets == 1)).sum(0)
     negatives = (mask & (targets == 0)).sum(0)
-    evaluated = (positives > 0) & (negatives > 0)
-    ap = np.array([average_precision(probs[mask[:, a], a], targets[mask[:, a], a]) for a in range(probs.shape[1])])
+    ap, evaluated = per_attribute_ap(probs, targets, mask)
     if thresholds is None:
         thresholds = tune_thresholds(probs, targets, mask)
     at_half = f1_summary(*confusion(probs, targets, mask, [0.5] * probs.shape[1]), evaluated)

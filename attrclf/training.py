@@ -10,16 +10,11 @@ import sys
 
 from accelerate import Accelerator
 
-from .engine import (
-    TrainConfig,
-    configure_threads,
-    cross_validate,
-    load_training_data,
-    parse_args,
-    resolve_mixed_precision,
-    train_and_save,
-)
+from .config import TrainConfig, parse_args
+from .crossval import cross_validate
+from .engine import load_training_data, train_and_save
 from .errors import run_cli
+from .hardware import configure_threads, resolve_mixed_precision
 from .hub import check_can_push, push_model
 
 

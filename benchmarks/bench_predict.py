@@ -1,4 +1,5 @@
-"""Inference speed: one image end to end (file -> decode -> preprocess -> model -> thresholds), the model alone, batches.
+"""Inference speed: one image end to end (file -> decode -> preprocess -> model -> thresholds), the model alone,
+batches.
 
     python -m benchmarks.bench_predict [--backbone resnet18] [--repeats 50] [--threads N]
 
@@ -35,7 +36,7 @@ def time_calls(fns: list, inputs: list, warmup: int = 3) -> list[list[float]]:
             fn(item)
     out = [[] for _ in fns]
     for item in inputs:
-        for fn, times in zip(fns, out):
+        for fn, times in zip(fns, out, strict=True):
             start = time.perf_counter()
             fn(item)
             times.append(time.perf_counter() - start)
@@ -92,7 +93,7 @@ def measure(args, device, workdir: Path) -> tuple[list, dict]:
                                       model_alone(seed_model, size, device, False)], list(range(args.repeats)))
     rows, raw = [], {}
     for what, (fns, items) in cases.items():
-        for path_name, seconds in zip(("attrclf", "seed way"), time_calls(fns, items)):
+        for path_name, seconds in zip(("attrclf", "seed way"), time_calls(fns, items), strict=True):
             p50, p95 = percentiles(seconds)
             rows.append([what, path_name, p50, p95])
             raw[f"{path_name}: {what}"] = {"p50_ms": p50, "p95_ms": p95}

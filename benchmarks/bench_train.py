@@ -20,19 +20,15 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from attrclf.engine import (
-    CachedHeadStage,
-    TrainConfig,
-    build_model,
-    configure_threads,
-    evaluate,
-    make_optimizer,
-    resolve_mixed_precision,
-    train_one_epoch,
-)
+from attrclf.config import TrainConfig
+from attrclf.engine import build_model, evaluate, train_one_epoch
+from attrclf.hardware import configure_threads, resolve_mixed_precision
+from attrclf.headcache import CachedHeadStage
 from attrclf.loader import make_loader
 from attrclf.losses import build_loss
+from attrclf.optim import make_optimizer
 from attrclf.sources import prepare_data
+from attrclf.state import RunState
 from attrclf.transforms import eval_transform, train_transform
 
 from . import seed_baseline
@@ -93,15 +89,15 @@ class AttrclfRunner:
                                    num_workers=cfg.num_workers, seed=cfg.seed, channels_last=cfg.channels_last)
         self.model, self.optimizer, self.train_loader, self.val_loader = accelerator.prepare(
             model, optimizer, train_loader, val_loader)
-        self.state = {"step": 0, "history": {"iterations": {"step": [], "epoch": [], "loss": []}}}
+        self.state = RunState()
 
     def head_stage(self) -> list[float]:
         """Seconds of each head epoch (train + validate); the first includes the one backbone pass."""
         stage, seconds = CachedHeadStage(self.data, self.cfg), []
         for epoch in range(self.cfg.head_epochs):
             start = time.perf_counter()
-            stage.run_epoch(self.model, self.optimizer, self.val_loader, self.loss_fn, self.accelerator, self.state,
-                            epoch)
+            stage.run_epoch(self.model, self.optimizer, self.val_loader, self.loss_fn, accelerator=self.accelerator,
+                            state=self.state, epoch=epoch)
             synchronize(self.accelerator)
             seconds.append(time.perf_counter() - start)
         self.accelerator.unwrap_model(self.model).set_trainable(self.cfg.unfreeze)
@@ -109,14 +105,14 @@ class AttrclfRunner:
 
     def train(self, steps: int) -> tuple[int, float]:
         run = TrainConfig(**{**vars(self.cfg), "max_steps": steps})
-        timed = {**self.state, "step": 0}
+        timed = RunState()  # its own step count: the schedule starts again, as the timed pass always did
         synchronize(self.accelerator)
         start = time.perf_counter()
         # the epoch index only labels the progress bar; the steps may stop at the end of the epoch (drop_last: full)
-        train_one_epoch(self.model, self.train_loader, self.optimizer, self.loss_fn, self.accelerator, timed, run,
-                        self.cfg.head_epochs)
+        train_one_epoch(self.model, self.train_loader, self.optimizer, self.loss_fn, accelerator=self.accelerator,
+                        state=timed, cfg=run, epoch=self.cfg.head_epochs)
         synchronize(self.accelerator)
-        return timed["step"] * self.cfg.batch_size * self.accelerator.num_processes, time.perf_counter() - start
+        return timed.step * self.cfg.batch_size * self.accelerator.num_processes, time.perf_counter() - start
 
     def validate_seconds(self) -> float:
         start = time.perf_counter()
@@ -185,8 +181,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as workdir:
         labels = subset_labels(args.data_dir, Path(workdir) / "labels.txt", args.limit_groups or None)
         cfg = TrainConfig(data=str(args.data_dir), labels=str(labels), images=str(args.data_dir / "images"),
-                          group_column=GROUP_COLUMN, backbone=args.backbone, pretrained=True, image_size=args.image_size,
-                          batch_size=args.batch_size, num_workers=args.num_workers, cpu_threads=args.threads,
+                          group_column=GROUP_COLUMN, backbone=args.backbone, pretrained=True,
+                          image_size=args.image_size, batch_size=args.batch_size, num_workers=args.num_workers,
+                          cpu_threads=args.threads,
                           mixed_precision=args.mixed_precision).resolve()
         cfg.pretrained = False  # speed only: random weights, but the pretrained recipe's stages
         configure_threads(cfg, accelerator)

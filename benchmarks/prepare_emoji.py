@@ -152,7 +152,7 @@ def write_dataset(entries: list[dict], out_dir: Path) -> None:
         to_rgb_on_white(entry["source"]).save(staging / "images" / entry["name"])
         values = ["NA" if v is None else str(v) for v in entry["labels"]]
         lines.append(" ".join([entry["name"], *values, entry["base"]]))
-        records.append(json.dumps({"file_name": entry["name"], **dict(zip(LABEL_NAMES, entry["labels"])),
+        records.append(json.dumps({"file_name": entry["name"], **dict(zip(LABEL_NAMES, entry["labels"], strict=True)),
                                    GROUP_COLUMN: entry["base"]}))
     (staging / "labels.txt").write_text("\n".join(lines) + "\n")
     (staging / "images" / "metadata.jsonl").write_text("\n".join(records) + "\n")

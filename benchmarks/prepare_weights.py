@@ -44,7 +44,7 @@ def map_onto_timm(source: dict[str, torch.Tensor], model: torch.nn.Module) -> di
     if len(source) != len(target):
         raise SystemExit(f"error: torchvision has {len(source)} tensors, timm {len(target)}: they do not map")
     mapped = {}
-    for (src_name, tensor), (dst_name, expected) in zip(source.items(), target.items()):
+    for (src_name, tensor), (dst_name, expected) in zip(source.items(), target.items(), strict=True):
         if tensor.shape != expected.shape:
             raise SystemExit(f"error: {src_name} {tuple(tensor.shape)} does not fit {dst_name} {tuple(expected.shape)}")
         mapped[dst_name] = tensor.clone().contiguous()

@@ -4,12 +4,12 @@
         --backbone mobilenetv2_100 --backbone-weights benchmarks/data/mobilenetv2_100.safetensors \
         [--val-list VAL.txt] [--test-list TEST.txt] [--epochs 30] [--out-dir benchmarks/results/seed]
 
-What the seed does, and so what this does: a timm backbone and the head BatchNorm1d - Dropout(0.5) - Linear(128) - ReLU -
-Dropout(0.3) - Linear(A); BCE-with-logits with pos_weight = negatives / positives, masked where a label is NA; Adam on the
-head at 2e-3, then from epoch 3 the last backbone stage (ResNet's layer4) unfrozen and a new Adam over everything
-trainable at 1e-4; batch 16; random crop, flip, colour jitter, perspective and random erasing; images decoded with PIL
-every epoch; fp32; `model.train()` for the whole model (frozen BatchNorm statistics drift, as in the seed); early stopping
-on validation loss with patience 5, the lowest-loss epoch kept; threshold 0.5.
+What the seed does, and so what this does: a timm backbone and the head BatchNorm1d - Dropout(0.5) - Linear(128) -
+ReLU - Dropout(0.3) - Linear(A); BCE-with-logits with pos_weight = negatives / positives, masked where a label is NA;
+Adam on the head at 2e-3, then from epoch 3 the last backbone stage (ResNet's layer4) unfrozen and a new Adam over
+everything trainable at 1e-4; batch 16; random crop, flip, colour jitter, perspective and random erasing; images
+decoded with PIL every epoch; fp32; `model.train()` for the whole model (frozen BatchNorm statistics drift, as in the
+seed); early stopping on validation loss with patience 5, the lowest-loss epoch kept; threshold 0.5.
 
 It imports nothing from attrclf on purpose: no shared fast path can make it faster or better than the seed was. It reads
 labels.txt itself; pass --val-list (one image name per line) to validate on the images another run validated on, and

@@ -60,7 +60,8 @@ def tiny_model_factory():
 
     def make(label_names=("a", "b", "c"), head_hidden=16, seed=0, image_size=32):
         torch.manual_seed(seed)
-        config = AttrConfig.for_backbone("test_resnet", list(label_names), image_size=image_size, head_hidden=head_hidden)
+        config = AttrConfig.for_backbone("test_resnet", list(label_names), image_size=image_size,
+                                         head_hidden=head_hidden)
         return AttrClassifier(config)
 
     return make
@@ -84,3 +85,34 @@ def error_of(call) -> str:
     with pytest.raises(AttrclfError) as info:
         call()
     return str(info.value)
+
+
+# ------------------------------------------------ training on a tiny labelled set (engine, checkpoints, ...)
+
+OUTPUT_FILES = ["README.md", "config.json", "history.json", "loss_curve.png", "metrics.json", "model.safetensors",
+                "pr_curves.png", "train_config.json"]  # a training run's output folder, exactly
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """72 images in 24 groups of 3; attributes a, b, c (c has NA). 54 train / 18 validation with --val-fraction 0.25."""
+    lines = ["img a b c grp"] + [f"i{n:02d}.png {n % 2} {(n // 2) % 2} {'NA' if n % 5 == 0 else int(n % 3 == 0)} "
+                                 f"g{n // 3}" for n in range(72)]
+    return write_labels_dataset(tmp_path_factory.mktemp("scale") / "data", lines)
+
+
+def tiny_config(tiny_data, output_dir, **changes):
+    """A resolved TrainConfig for `tiny_data` on test_resnet at 32 px, 2 epochs, in this process."""
+    from attrclf.config import TrainConfig
+
+    settings = {"data": str(tiny_data), "group_column": "grp", "val_fraction": 0.25, "backbone": "test_resnet",
+                "pretrained": False, "image_size": 32, "batch_size": 8, "epochs": 2, "num_workers": 0,
+                "output_dir": str(output_dir), **changes}
+    return TrainConfig(**settings).resolve()
+
+
+def tiny_split(tiny_data, **changes):
+    """`tiny_data` loaded and split as tiny_config's runs see it."""
+    from attrclf.sources import prepare_data
+
+    return prepare_data(tiny_data, **{"group_column": "grp", "val_fraction": 0.25, "seed": 42, **changes})

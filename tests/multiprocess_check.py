@@ -15,7 +15,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from attrclf import AttrClassifier
-from attrclf.engine import TrainConfig, build_model, evaluate, fit
+from attrclf.config import TrainConfig
+from attrclf.engine import build_model, evaluate, fit
 from attrclf.loader import make_loader
 from attrclf.losses import build_loss
 from attrclf.metrics import evaluate_predictions
@@ -30,11 +31,12 @@ def evaluate_saved_model(model_dir: str, data, accelerator: Accelerator, batch_s
     pos_weight = torch.tensor(pos_weight) if pos_weight else torch.ones(len(data.label_names))
     loss_fn = build_loss("bce", pos_weight).to(accelerator.device)
     model, loader = accelerator.prepare(model, loader)
-    loss, probs, targets, mask = evaluate(model, loader, loss_fn, accelerator)
+    result = evaluate(model, loader, loss_fn, accelerator)
     accelerator.free_memory()
-    metrics = evaluate_predictions(probs, targets, mask, data.label_names, [0.5] * len(data.label_names))
-    return {"loss": loss, "mAP": metrics["mAP"], "f1_macro_at_0.5": metrics["f1_macro_at_0.5"],
-            "probs": probs.tolist(), "targets": targets.tolist(), "mask": mask.tolist()}
+    metrics = evaluate_predictions(result.probs, result.targets, result.mask, data.label_names,
+                                   [0.5] * len(data.label_names))
+    return {"loss": result.loss, "mAP": metrics["mAP"], "f1_macro_at_0.5": metrics["f1_macro_at_0.5"],
+            "probs": result.probs.tolist(), "targets": result.targets.tolist(), "mask": result.mask.tolist()}
 
 
 def train_two_stages(data, accelerator: Accelerator, output_dir: str) -> dict:
@@ -47,7 +49,7 @@ def train_two_stages(data, accelerator: Accelerator, output_dir: str) -> dict:
     result = fit(model, data, cfg, accelerator)
     backbone = torch.cat([p.detach().flatten() for p in model.backbone.parameters()])
     every_rank = accelerator.gather(backbone[None])  # (processes, P)
-    return {"steps": len(result.history["iterations"]["step"]),
+    return {"steps": len(result.history.iterations.step),
             "backbone_max_difference_between_processes": float((every_rank - every_rank[0]).abs().max()),
             "backbone_max_change": float((backbone - initial).abs().max())}
 

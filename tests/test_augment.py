@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from attrclf.augment import BatchMixer, cutmix, cutmix_box, mix_known, mixup
-from attrclf.engine import TrainConfig, training_batch
+from attrclf.config import TrainConfig
+from attrclf.engine import training_batch
 from attrclf.errors import AttrclfError
 
 from .conftest import write_labels_dataset

@@ -8,7 +8,7 @@ from huggingface_hub import ModelCard
 
 from attrclf import AttrConfig, __version__, card
 from attrclf.card import backbone_origin, render_card
-from attrclf.engine import TrainConfig
+from attrclf.config import TrainConfig
 
 from .conftest import REPO
 

@@ -7,8 +7,9 @@ import timm
 import torch
 
 from attrclf import AttrClassifier, AttrclfError, AttrConfig
-from attrclf.engine import TrainConfig, make_optimizer
+from attrclf.config import TrainConfig
 from attrclf.model import build_head
+from attrclf.optim import make_optimizer
 
 
 def test_save_load_gives_identical_logits_config_and_file_set(tmp_path, tiny_model_factory):

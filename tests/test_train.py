@@ -7,7 +7,12 @@ import sys
 
 import pytest
 
+import attrclf
+from attrclf.config import TrainConfig, parse_args
+
 from .conftest import REPO, write_labels_dataset
+
+pytestmark = pytest.mark.slow  # every test here runs train.py in a subprocess
 
 TINY = ["--backbone", "test_resnet", "--image-size", "32", "--batch-size", "16", "--num-workers", "0"]
 
@@ -35,12 +40,17 @@ def test_accelerate_launch_trains_the_demo_end_to_end(tmp_path):
     assert len(history["iterations"]["loss"]) == 4 * (192 // 16)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["data"]["train_images"] == 192 and metrics["data"]["validation_images"] == 48
-    assert set(metrics["validation"]["per_attribute"]) == {"outlined", "red", "striped", "large", "dark_background", "dot"}
+    assert set(metrics["validation"]["per_attribute"]) == {"outlined", "red", "striped", "large", "dark_background",
+                                                           "dot"}
     assert 0 <= metrics["validation"]["mAP"] <= 1
     config = json.loads((out / "config.json").read_text())
-    assert config["thresholds"] == [metrics["validation"]["per_attribute"][n]["threshold"] for n in config["label_names"]]
+    per_attribute = metrics["validation"]["per_attribute"]
+    assert config["thresholds"] == [per_attribute[n]["threshold"] for n in config["label_names"]]
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "val_mAP" in result.stdout and "mAP" in result.stdout
+    assert metrics["attrclf_version"] == attrclf.__version__
+    saved = json.loads((out / "train_config.json").read_text())  # --config repeats the run: the same settings
+    assert parse_args(["--config", str(out / "train_config.json")]) == TrainConfig(**saved)
 
     predicted = subprocess.run([sys.executable, "-m", "attrclf.predict", "--model", str(out),
                                 str(tmp_path / "cache"), "--format", "json"], capture_output=True, text=True, cwd=REPO)

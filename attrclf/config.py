@@ -1,0 +1,307 @@
+"""TrainConfig (one run's optimisation and data settings), its command line, and `--config FILE`.
+
+train_config.json is `asdict(TrainConfig)` after `resolve`; `--config` reads it back (or a hand-written YAML / JSON of
+the same fields), so `train.py --config outputs/train_config.json` repeats a run. Flags given on the command line win
+over the file.
+"""
+
+import argparse
+import copy
+import json
+import os
+import sys
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from .errors import AttrclfError
+from .fileio import is_hub_id
+from .losses import LOSSES, NA_POLICIES, build_loss
+from .model import ALL_STAGES
+
+# Defaults of flags left unset: (with --data, for the demo). The demo trains from scratch on small images, so it
+# takes bigger batches and a higher learning rate to finish in a few minutes on a CPU.
+AUTO_DEFAULTS = {"image_size": (None, 48), "epochs": (30, 10), "batch_size": (32, 64), "lr": (2e-3, 3e-3)}
+LATEST = "latest"  # --resume without a path
+# what a command does rather than what the run computes: a --config file never sets it (train_config.json of a
+# resumed run records --resume; repeating that run must not resume)
+COMMAND_LINE_ONLY = ("resume",)
+
+
+def _opt(help_text: str, default=None, **extra):
+    return field(default=default, metadata={"help": help_text, **extra})
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and data settings of one run; saved as train_config.json, never in config.json.
+
+    `None` on pretrained / head_epochs / unfreeze_stages / lr_finetune / image_size / epochs / batch_size / lr
+    means "decide from the run" (data or demo, pretrained or from scratch):
+    see `resolve`.
+    """
+
+    data: str | None = _opt("labels.txt folder, image folder with metadata.csv/.jsonl, saved dataset or Hub dataset "
+                            "id; omit to train on the embedded demo")
+    images: str | None = _opt("images folder (default: DATA/images, else DATA)")
+    labels: str | None = _opt("labels file (default: DATA/labels.txt)")
+    label_columns: list[str] | None = _opt("attribute columns to train on (default: all)")
+    group_column: str | None = _opt("column whose rows must stay on one side of the split (near-duplicates)")
+    val_fraction: float = _opt("fraction of images for validation when the data has no validation split", 0.2)
+    demo_size: int = _opt("number of images in the generated demo dataset", 3000)
+    backbone: str = _opt("timm backbone name", "resnet18")
+    pretrained: bool | None = _opt("start from the backbone's pretrained weights (timm download); "
+                                   "default: on with --data, off for the demo")
+    backbone_weights: str | None = _opt("local pretrained weights file for the backbone (no download)")
+    image_size: int | None = _opt("square input size (default: the backbone's own; 48 for the demo)")
+    head_hidden: int = _opt("hidden width of the head; 0 = a single Linear", 128)
+    head_dropout: float = _opt("dropout before the head's first Linear", 0.5)
+    hidden_dropout: float = _opt("dropout before the head's last Linear", 0.3)
+    epochs: int | None = _opt("maximum number of epochs, early stopping may end sooner (default: 30; demo: 10)")
+    batch_size: int | None = _opt("images per batch and process (default: 32; demo: 64)")
+    lr: float | None = _opt("learning rate of the head, and of the whole network when training from scratch "
+                            "(default: 2e-3; demo: 3e-3)")
+    lr_finetune: float | None = _opt("learning rate of the unfrozen backbone stages (default: 1e-4 pretrained, "
+                                     "--lr from scratch)")
+    weight_decay: float = _opt("AdamW weight decay (not applied to norms and biases)", 1e-2)
+    head_epochs: int | None = _opt("epochs that train the head alone before unfreezing (default: 3 pretrained, "
+                                   "0 from scratch)")
+    unfreeze_stages: str | None = _opt("backbone stages to unfreeze after the head epochs: a number (1 = the last, "
+                                       "e.g. ResNet's layer4) or 'all' (default: 1 pretrained, all from scratch)")
+    early_stop_patience: int = _opt("stop after this many epochs without a better validation mAP", 5)
+    loss: str = _opt("loss over known labels: bce, asl (asymmetric loss) or focal", "bce", choices=sorted(LOSSES))
+    asl_gamma_neg: float = _opt("--loss asl: focusing exponent of negatives", 4.0)
+    asl_gamma_pos: float = _opt("--loss asl: focusing exponent of positives", 0.0)
+    asl_clip: float = _opt("--loss asl: probability margin; negatives with p below it give no loss", 0.05)
+    focal_gamma: float = _opt("--loss focal: focusing exponent", 2.0)
+    focal_alpha: float | None = _opt("--loss focal: weight of positives in [0, 1], negatives get 1 - alpha; "
+                                     "None weighs both 1")
+    na_policy: str = _opt("what the training loss does with NA labels: 'ignore' leaves them out, 'negative' counts "
+                          "them as absent (the common baseline, for comparison; pos_weight then counts them as "
+                          "negatives too). Validation metrics and threshold tuning always skip NA", "ignore",
+                          choices=list(NA_POLICIES))
+    pos_weight_cap: float = _opt("upper bound of the per-attribute positive weight (negatives / positives)", 50.0)
+    crop_scale: float = _opt("smallest area fraction of the random resized crop", 0.5)
+    hflip: float = _opt("probability of a horizontal flip (0 when left/right matters)", 0.5)
+    color_jitter: float = _opt("brightness/contrast/saturation jitter (hue never changes)", 0.3)
+    random_erasing: float = _opt("probability of random erasing", 0.1)
+    mixup: float = _opt("mixup: Beta(alpha, alpha) of the blend weight, 0 = off; a mixed label is known only where "
+                        "both images' labels are known", 0.0)
+    cutmix: float = _opt("CutMix: Beta(alpha, alpha) of the kept area, 0 = off; with --mixup too, each batch uses "
+                         "one of the two (probability 0.5)", 0.0)
+    balanced_sampler: bool = _opt("draw training images with replacement, each weighted by its rarest KNOWN positive "
+                                  "attribute: weight = known / positives of that attribute (1 with no known positive), "
+                                  "capped at --pos-weight-cap", False)
+    head_feature_cache: bool = _opt("in the head-only stage, run the frozen backbone once per image (un-augmented) and "
+                                    "train the head on the stored features; --no-head-feature-cache keeps "
+                                    "augmentation in stage 1 at the cost of a backbone pass per image and epoch", True)
+    mixed_precision: str = _opt("'auto' (bf16 on GPUs and on CPUs with AVX512-BF16 or AMX, else fp32), 'no', 'bf16' "
+                                "or 'fp16'", "auto", choices=["auto", "no", "bf16", "fp16"])
+    channels_last: bool = _opt("NHWC memory format for convolutional backbones (faster oneDNN / cuDNN kernels)", True)
+    num_workers: int | None = _opt("DataLoader worker processes (default: one per spare CPU core, at most 4 on CPU, "
+                                   "8 with a GPU)")
+    cpu_threads: int | None = _opt("torch threads per process on CPU (default: the cores divided among the processes; "
+                                   "`accelerate launch` sets OMP_NUM_THREADS=1, which would leave cores idle)")
+    seed: int = _opt("random seed (split, initialisation, augmentation, order)", 42)
+    max_steps: int | None = _opt("stop after this many optimiser steps (smoke runs)")
+    output_dir: str = _opt("where the model and reports are written", "outputs")
+    keep_checkpoints: int = _opt("full training-state checkpoints kept in OUTPUT/checkpoints, one written after each "
+                                 "epoch (the last K stay; 0 = none); removed once the run has written its outputs", 2)
+    resume: str | None = _opt("continue an interrupted run from the latest checkpoint in OUTPUT/checkpoints, or from "
+                              "the checkpoint folder PATH", nargs="?", const=LATEST, metavar="PATH")
+    folds: int | None = _opt("k-fold cross-validation: K models, fold k validating the one trained on the other "
+                             "folds (grouped by --group-column); writes OUTPUT/fold_1..fold_K and "
+                             "OUTPUT/cv_summary.json")
+    push_to_hub: str | None = _opt("Hub model repo (namespace/name) to push the trained model folder to, from the "
+                                   "main process, once training ends")
+    hub_private: bool = _opt("create the --push-to-hub repo private", False)
+    license: str = _opt("license in the model card (check your data's and the backbone weights' terms)",
+                        "apache-2.0")
+    dataset_id: str | None = _opt("Hub dataset id named in the model card; when unset, --data if it is one")
+
+    def resolve(self) -> "TrainConfig":
+        """A copy with every automatic default decided and the values checked."""
+        cfg = copy.deepcopy(self)
+        for name, (with_data, for_demo) in AUTO_DEFAULTS.items():
+            if getattr(cfg, name) is None:
+                setattr(cfg, name, with_data if cfg.data else for_demo)
+        from_scratch = not (cfg.backbone_weights or cfg.pretrained or (cfg.pretrained is None and cfg.data))
+        cfg.pretrained = bool(cfg.backbone_weights) or not from_scratch
+        if cfg.head_epochs is None:
+            cfg.head_epochs = 0 if from_scratch else 3
+        if cfg.unfreeze_stages is None:
+            cfg.unfreeze_stages = ALL_STAGES if from_scratch else "1"
+        if cfg.lr_finetune is None:
+            cfg.lr_finetune = cfg.lr if from_scratch else 1e-4
+        if cfg.num_workers is None:
+            cfg.num_workers = min(8 if torch.cuda.is_available() else 4, max(0, (os.cpu_count() or 1) - 1))
+        if cfg.dataset_id is None and cfg.data and is_hub_id(cfg.data):
+            cfg.dataset_id = cfg.data  # a Hub dataset id: the card links it
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        """Raise AttrclfError, naming the flag, for a value no run can use."""
+        if self.unfreeze_stages != ALL_STAGES and not str(self.unfreeze_stages).isdigit():
+            raise AttrclfError(f"--unfreeze-stages must be a number or 'all' (got '{self.unfreeze_stages}')")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise AttrclfError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.head_epochs < 0 or self.early_stop_patience < 1:
+            raise AttrclfError("--head-epochs must be >= 0 and --early-stop-patience >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise AttrclfError("--max-steps must be at least 1")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise AttrclfError(f"--mixup and --cutmix must be >= 0, 0 = off (got {self.mixup:g}, {self.cutmix:g})")
+        if self.na_policy not in NA_POLICIES:
+            raise AttrclfError(f"--na-policy must be one of {', '.join(NA_POLICIES)} (got '{self.na_policy}')")
+        if self.keep_checkpoints < 0:
+            raise AttrclfError("--keep-checkpoints must be 0 (no checkpoints) or more")
+        if self.folds is not None and self.folds < 2:
+            raise AttrclfError(f"--folds must be at least 2 (got {self.folds})")
+        if self.folds and self.push_to_hub:
+            raise AttrclfError("--push-to-hub cannot be combined with --folds (K models): push the fold you want with "
+                               "`python -m attrclf.hub push OUTPUT/fold_k ID`")
+        if self.folds and self.resume not in (None, LATEST):
+            raise AttrclfError("--resume PATH cannot be combined with --folds: use --resume alone, it finds each "
+                               "fold's latest checkpoint")
+        build_loss(self.loss, **self.loss_options())  # the loss checks its own settings
+
+    def loss_options(self) -> dict:
+        """The --asl-* / --focal-* settings of the chosen loss, as keyword arguments of its class."""
+        if self.loss == "asl":
+            return {"gamma_neg": self.asl_gamma_neg, "gamma_pos": self.asl_gamma_pos, "clip": self.asl_clip}
+        if self.loss == "focal":
+            return {"gamma": self.focal_gamma, "alpha": self.focal_alpha}
+        return {}
+
+    @property
+    def unfreeze(self) -> int | str:
+        """--unfreeze-stages as the model takes it: a number of stages, or "all"."""
+        return ALL_STAGES if self.unfreeze_stages == ALL_STAGES else int(self.unfreeze_stages)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def field_kind(name: str) -> str:
+    """How a TrainConfig field is given on the command line: "bool" (--x / --no-x), "list" (--x A B) or "value"."""
+    kind = typing.get_type_hints(TrainConfig)[name]
+    if kind is bool or bool in typing.get_args(kind):
+        return "bool"
+    if typing.get_origin(kind) is list or list[str] in typing.get_args(kind):
+        return "list"
+    return "value"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """argparse from TrainConfig: one --flag-name per field, its help from the field's metadata; plus --config."""
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description="Fine-tune a timm backbone for multilabel attributes (1 / 0 / NA). "
+        "Run with `accelerate launch train.py [flags]`; with no --data it trains on the embedded demo.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of these settings (the field names: "
+                        "batch_size, lr, ...), e.g. a run's train_config.json to repeat it; flags given here win")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        options = {"help": f.metadata["help"], "default": None if f.default is MISSING else f.default}
+        options.update({k: f.metadata[k] for k in ("choices", "nargs", "const", "metavar") if k in f.metadata})
+        kind = field_kind(f.name)
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
+        elif kind == "list":
+            parser.add_argument(flag, nargs="+", metavar="NAME", **options)
+        else:
+            hint = hints[f.name]
+            base = next((t for t in (int, float, str) if t is hint or t in typing.get_args(hint)), str)
+            parser.add_argument(flag, type=base, **options)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """TrainConfig from the command line; with `--config FILE`, the file's settings under the flags given."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--config")
+    path = early.parse_known_args(argv)[0].config
+    file_flags = config_file_flags(path) if path else []
+    values = vars(build_parser().parse_args([*file_flags, *argv]))  # argparse: the last occurrence of a flag wins
+    values.pop("config")
+    return TrainConfig(**values)
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The settings in a YAML or JSON file: a mapping of TrainConfig field names (or flag names) to values."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise AttrclfError(f"--config: cannot read '{path}': {e.strerror or e}") from None
+    try:
+        settings = _parse(text, json_file=path.suffix.lower() == ".json")
+    except ValueError as e:
+        kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
+        raise AttrclfError(f"--config: '{path}' is not valid {kind}: {e}") from None
+    if settings is None:
+        return {}
+    if not isinstance(settings, dict):
+        raise AttrclfError(f"--config: '{path}' must hold a mapping of settings (name: value), "
+                           f"not a {type(settings).__name__}")
+    settings = {str(key).replace("-", "_"): value for key, value in settings.items()}
+    unknown = sorted(set(settings) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise AttrclfError(f"--config: '{path}' has unknown setting(s) {', '.join(unknown)}; the settings are "
+                           f"TrainConfig's fields, named like the flags (batch_size or batch-size for --batch-size)")
+    return settings
+
+
+def config_file_flags(path: str | Path) -> list[str]:
+    """The file's settings as the flags that would set them, checked as if typed (argparse's message, file named).
+
+    A null value leaves the setting at its default; --resume is read from the command line only.
+    """
+    settings = read_config_file(path)
+    flags = []
+    for name, value in settings.items():
+        if value is None or name in COMMAND_LINE_ONLY:
+            if value is not None:
+                print(f"note: --config: '{name}' is taken from the command line only; the file's "
+                      f"{value!r} is ignored", file=sys.stderr)
+            continue
+        flags += _as_flags(name, value, path)
+
+    def file_error(message: str) -> typing.NoReturn:
+        raise AttrclfError(f"--config '{path}': {message}")
+
+    checker = build_parser()
+    checker.error = file_error  # a bad value names the file; argparse's own message says what is wrong
+    checker.parse_args(flags)
+    return flags
+
+
+def _parse(text: str, json_file: bool):
+    if json_file:
+        return json.loads(text)
+    import yaml  # only --config with a YAML file needs it
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(str(e)) from None
+
+
+def _as_flags(name: str, value, path) -> list[str]:
+    """The flags that set `name` to a file's `value` (bools as --x / --no-x, lists as --x A B, else --x=VALUE)."""
+    flag, kind = "--" + name.replace("_", "-"), field_kind(name)
+    if kind == "bool" and isinstance(value, bool):
+        return [flag if value else "--no-" + flag[2:]]
+    if kind == "list" and isinstance(value, list):
+        return [flag, *map(str, value)]
+    if isinstance(value, dict | list):
+        raise AttrclfError(f"--config '{path}': {flag} takes one value, not {value!r}")
+    return [f"{flag}={value}"]  # argparse converts and checks it as if typed (a bool field rejects "=value")

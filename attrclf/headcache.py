@@ -1,0 +1,117 @@
+"""The head-only stage on cached backbone features: the frozen backbone runs once per image, the head trains on that.
+
+While the backbone is frozen its BatchNorm layers stay in eval mode (AttrClassifier.train) and it has no dropout, so
+its output depends on the image alone: the backbone runs once over the training images (eval transform, no
+augmentation: the trade-off) and once over the validation images, and each head epoch trains and validates the head
+on those features. Validation is exact: the same logits the whole model gives.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+
+from .config import TrainConfig
+from .loader import make_loader
+from .losses import apply_na_policy
+from .optim import lr_factor, set_lrs
+from .reporting import progress
+from .sources import AttrData
+from .state import RunState, ValidationResult
+from .transforms import eval_transform
+
+
+def uses_feature_cache(cfg: TrainConfig) -> bool:
+    """The head-only stage can train on stored features when it exists and the user did not opt out."""
+    batch_level = cfg.mixup or cfg.cutmix or cfg.balanced_sampler  # they act on images / the sampler, not features
+    return cfg.head_feature_cache and not batch_level and (cfg.head_epochs > 0 or cfg.unfreeze == 0)
+
+
+@dataclass
+class FeatureSet:
+    """(N, F) pooled backbone features with the images' (N, A) targets and bool mask."""
+
+    features: torch.Tensor
+    targets: torch.Tensor
+    mask: torch.Tensor
+
+
+@torch.no_grad()
+def backbone_features(model, loader, accelerator: Accelerator) -> FeatureSet:
+    """Pooled backbone features in eval mode, with targets and mask, gathered from every process."""
+    backbone = accelerator.unwrap_model(model).backbone
+    was_training = backbone.training
+    backbone.eval()
+    features, targets, masks = [], [], []
+    for pixel_values, target, mask in progress(loader, accelerator, "backbone features"):
+        with accelerator.autocast():
+            batch = backbone(pixel_values).float()
+        batch, target, mask = accelerator.gather_for_metrics((batch, target, mask))
+        features.append(batch)
+        targets.append(target)
+        masks.append(mask.bool())
+    backbone.train(was_training)
+    return FeatureSet(torch.cat(features), torch.cat(targets), torch.cat(masks))
+
+
+class CachedHeadStage:
+    """The head-only stage without a backbone pass per image and epoch (see the module docstring).
+
+    With several processes every process gathers all features and runs the same seeded head updates, so they stay
+    identical without syncing. Features are computed on the first epoch, so its time includes them.
+    """
+
+    def __init__(self, data: AttrData, cfg: TrainConfig):
+        self.data, self.cfg = data, cfg
+        self.train_set: FeatureSet | None = None
+        self.val_set: FeatureSet | None = None
+
+    def _extract(self, model, val_loader, accelerator: Accelerator) -> None:
+        config = accelerator.unwrap_model(model).config
+        loader = accelerator.prepare_data_loader(make_loader(
+            self.data.train, eval_transform(config), self.cfg.batch_size, False, num_workers=self.cfg.num_workers,
+            channels_last=self.cfg.channels_last))
+        self.train_set = backbone_features(model, loader, accelerator)
+        self.val_set = backbone_features(model, val_loader, accelerator)
+
+    def run_epoch(self, model, optimizer, val_loader, loss_fn, *, accelerator: Accelerator, state: RunState,
+                  epoch: int) -> tuple[float, ValidationResult]:
+        """One head epoch on the features; returns the mean training loss and the validation result."""
+        if self.train_set is None:
+            self._extract(model, val_loader, accelerator)
+        head = accelerator.unwrap_model(model).head
+        train_loss = train_head_epoch(head, self.train_set, optimizer, loss_fn, accelerator=accelerator, state=state,
+                                      cfg=self.cfg, epoch=epoch)
+        return train_loss, evaluate_head(head, self.val_set, loss_fn)
+
+
+def train_head_epoch(head, train_set: FeatureSet, optimizer, loss_fn, *, accelerator: Accelerator, state: RunState,
+                     cfg: TrainConfig, epoch: int) -> float:
+    """One epoch of the head over the stored features, in batches of the global batch size; the mean loss."""
+    batch_size = cfg.batch_size * accelerator.num_processes
+    order = torch.randperm(len(train_set.features), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+    starts = range(0, len(order) - batch_size + 1 if len(order) > batch_size else 1, batch_size)
+    head.train()
+    total, count = 0.0, 0
+    for start in starts:
+        rows = order[start : start + batch_size].to(train_set.features.device)
+        set_lrs(optimizer, cfg, lr_factor(state.step, len(starts), cfg))
+        batch_targets, batch_mask = apply_na_policy(train_set.targets[rows], train_set.mask[rows], cfg.na_policy)
+        loss = loss_fn(head(train_set.features[rows]), batch_targets, batch_mask)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        optimizer.step()
+        state.step += 1
+        value = loss.item()
+        total, count = total + value, count + 1
+        state.record_step(epoch, value)
+        if cfg.max_steps and state.step >= cfg.max_steps:
+            break
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def evaluate_head(head, val_set: FeatureSet, loss_fn) -> ValidationResult:
+    """The validation result from stored validation features."""
+    head.eval()
+    return ValidationResult.from_logits(head(val_set.features).float(), val_set.targets, val_set.mask, loss_fn)

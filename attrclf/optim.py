@@ -1,0 +1,58 @@
+"""The optimizer and its schedule: AdamW over the head and the backbone stages that unfreeze, stage by epoch, lr."""
+
+import math
+
+import torch
+
+from .config import TrainConfig
+from .model import ALL_STAGES, AttrClassifier
+
+
+def make_optimizer(model: AttrClassifier, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the head (lr) and the backbone stages that will ever unfreeze (lr_finetune).
+
+    Parameters frozen in the current stage have no gradient, and AdamW leaves them untouched. Norms and biases get no
+    weight decay.
+    """
+    stages = model.backbone_stages()
+    count = len(stages) if cfg.unfreeze == ALL_STAGES else min(cfg.unfreeze, len(stages))
+    tail = {name for names in stages[len(stages) - count :] for name in names}
+    named = {"head": list(model.head.named_parameters()),
+             "backbone": [(n, p) for n, p in model.backbone.named_parameters() if n in tail]}
+    lrs = {"head": cfg.lr, "backbone": cfg.lr_finetune}
+    groups = []
+    for part, params in named.items():
+        for decay in (True, False):
+            chosen = [p for _, p in params if (p.ndim > 1) == decay]
+            if chosen:
+                groups.append({"params": chosen, "lr": lrs[part], "weight_decay": cfg.weight_decay if decay else 0.0,
+                               "part": part})
+    return torch.optim.AdamW(groups)
+
+
+def stage_at(epoch: int, cfg: TrainConfig) -> str:
+    """"head" for the first head_epochs epochs, then "finetune" (unless nothing unfreezes)."""
+    if epoch < cfg.head_epochs or cfg.unfreeze == 0:
+        return "head"
+    return "finetune"
+
+
+def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
+    """Constant through the head stage, then a cosine from 1 to 0.05 over the fine-tuning epochs."""
+    start = cfg.head_epochs * steps_per_epoch
+    if step < start or cfg.unfreeze == 0:
+        return 1.0
+    span = max(1, (cfg.epochs - cfg.head_epochs) * steps_per_epoch)
+    progress = min(1.0, (step - start) / span)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lrs(optimizer: torch.optim.Optimizer, cfg: TrainConfig, factor: float) -> None:
+    """Each parameter group's base lr (head: --lr, backbone: --lr-finetune) times the schedule's factor."""
+    for group in optimizer.param_groups:
+        group["lr"] = (cfg.lr if group["part"] == "head" else cfg.lr_finetune) * factor
+
+
+def current_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """{"head": lr, "backbone": lr} as the optimizer holds them now (a part without parameters is absent)."""
+    return {group["part"]: group["lr"] for group in optimizer.param_groups}

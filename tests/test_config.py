@@ -1,0 +1,118 @@
+"""TrainConfig and its command line: automatic defaults, checks, and `--config FILE` (YAML or JSON) under the flags."""
+
+import json
+from dataclasses import asdict
+
+import pytest
+
+from attrclf.config import TrainConfig, build_parser, parse_args
+from attrclf.errors import AttrclfError
+
+
+def test_automatic_defaults_for_the_demo_and_for_data():
+    demo = TrainConfig().resolve()
+    assert (demo.image_size, demo.epochs, demo.batch_size, demo.lr) == (48, 10, 64, 3e-3)
+    assert (demo.pretrained, demo.head_epochs, demo.unfreeze_stages, demo.lr_finetune) == (False, 0, "all", 3e-3)
+    data = TrainConfig(data="some/folder/x", backbone_weights="w.safetensors").resolve()
+    assert (data.image_size, data.epochs, data.batch_size, data.lr) == (None, 30, 32, 2e-3)
+    assert (data.pretrained, data.head_epochs, data.unfreeze_stages, data.lr_finetune) == (True, 3, "1", 1e-4)
+    assert data.resolve() == data  # resolving twice decides nothing new
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--unfreeze-stages", "last"], "--unfreeze-stages must be a number or 'all' (got 'last')"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--folds", "1"], "--folds must be at least 2 (got 1)"),
+    (["--keep-checkpoints", "-1"], "--keep-checkpoints must be 0 (no checkpoints) or more"),
+])
+def test_bad_settings_are_named(flags, message):
+    with pytest.raises(AttrclfError) as error:
+        parse_args(flags).resolve()
+    assert str(error.value) == message
+
+
+def saved_train_config(tmp_path, **changes):
+    """train_config.json as write_outputs writes it: asdict of the resolved TrainConfig, indent 2."""
+    cfg = TrainConfig(data=str(tmp_path), label_columns=["a", "b"], lr=5e-4, hflip=0.0, balanced_sampler=True,
+                      focal_alpha=0.25, **changes).resolve()
+    path = tmp_path / "train_config.json"
+    path.write_text(json.dumps(asdict(cfg), indent=2))
+    return cfg, path
+
+
+def test_config_round_trip_repeats_a_run(tmp_path):
+    cfg, path = saved_train_config(tmp_path)
+    assert parse_args(["--config", str(path)]) == cfg  # every field, resolved ones included
+    assert parse_args(["--config", str(path)]).resolve() == cfg
+    demo = TrainConfig().resolve()
+    (tmp_path / "demo.json").write_text(json.dumps(asdict(demo)))
+    assert parse_args(["--config", str(tmp_path / "demo.json")]).resolve() == demo
+
+
+def test_flags_on_the_command_line_win_over_the_file(tmp_path):
+    cfg, path = saved_train_config(tmp_path)
+    got = parse_args(["--lr", "0.1", "--config", str(path), "--no-balanced-sampler", "--label-columns", "c"])
+    assert (got.lr, got.balanced_sampler, got.label_columns) == (0.1, False, ["c"])
+    assert got.hflip == 0.0 and got.focal_alpha == 0.25  # the rest from the file
+    assert parse_args(["--config", str(path), "--resume"]).resume == "latest"
+
+
+def test_a_resumed_runs_config_does_not_resume_again(tmp_path, capsys):
+    cfg, path = saved_train_config(tmp_path, resume="latest")
+    got = parse_args(["--config", str(path)])
+    assert got.resume is None and got == TrainConfig(**{**asdict(cfg), "resume": None})
+    assert "'resume' is taken from the command line only" in capsys.readouterr().err
+
+
+def test_yaml_config_with_flag_style_names(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("# a hand-written run\nbatch-size: 16\nlr: 1.0e-3\nlabel_columns: [red, big]\npretrained: false\n"
+                    "loss: focal\nfocal_alpha: null\n")
+    got = parse_args(["--config", str(path)])
+    assert (got.batch_size, got.lr, got.label_columns, got.pretrained, got.loss) == (16, 1e-3, ["red", "big"], False,
+                                                                                    "focal")
+    assert got.focal_alpha is None and got.epochs is None  # null and absent: the defaults
+    assert parse_args(["--config", str(path)]) == parse_args(["--batch-size", "16", "--lr", "1e-3", "--label-columns",
+                                                              "red", "big", "--no-pretrained", "--loss", "focal"])
+
+
+def test_unknown_keys_are_one_clear_error(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"lr": 0.01, "learning_rate": 0.01, "epoch": 3}))
+    with pytest.raises(AttrclfError) as error:
+        parse_args(["--config", str(path)])
+    assert str(error.value) == (
+        f"--config: '{path}' has unknown setting(s) epoch, learning_rate; the settings are TrainConfig's fields, "
+        f"named like the flags (batch_size or batch-size for --batch-size)")
+
+
+@pytest.mark.parametrize("text, flag_error", [
+    ('{"lr": "fast"}', "argument --lr: invalid float value: 'fast'"),
+    ('{"epochs": 2.5}', "argument --epochs: invalid int value: '2.5'"),
+    ('{"loss": "hinge"}', "argument --loss: invalid choice: 'hinge' (choose from 'asl', 'bce', 'focal')"),
+    ('{"pretrained": "yes"}', "argument --pretrained/--no-pretrained: ignored explicit argument 'yes'"),
+])
+def test_a_bad_value_in_the_file_gets_the_flags_error_and_the_files_name(tmp_path, capsys, text, flag_error):
+    path = tmp_path / "run.json"
+    path.write_text(text)
+    with pytest.raises(AttrclfError) as error:
+        parse_args(["--config", str(path)])
+    assert str(error.value) == f"--config '{path}': {flag_error}"
+    flag, value = next(iter(json.loads(text).items()))
+    with pytest.raises(SystemExit):  # the same value as a flag: argparse's error, the same words
+        build_parser().parse_args([f"--{flag}={value}"])
+    assert f"error: {flag_error}" in capsys.readouterr().err
+
+
+def test_unreadable_or_malformed_config_files(tmp_path):
+    with pytest.raises(AttrclfError, match="--config: cannot read '.*missing.yaml'"):
+        parse_args(["--config", str(tmp_path / "missing.yaml")])
+    (tmp_path / "bad.json").write_text("{lr: 1")
+    with pytest.raises(AttrclfError, match="is not valid JSON"):
+        parse_args(["--config", str(tmp_path / "bad.json")])
+    (tmp_path / "list.yaml").write_text("- lr\n- 1\n")
+    with pytest.raises(AttrclfError, match="must hold a mapping of settings"):
+        parse_args(["--config", str(tmp_path / "list.yaml")])
+    (tmp_path / "nested.yaml").write_text("data: {path: x}\n")
+    with pytest.raises(AttrclfError, match="--data takes one value"):
+        parse_args(["--config", str(tmp_path / "nested.yaml")])

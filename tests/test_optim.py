@@ -1,0 +1,37 @@
+"""The schedule: the stage of each epoch and the learning-rate factor at each step, by hand."""
+
+import math
+
+import pytest
+import torch
+
+from attrclf.config import TrainConfig
+from attrclf.optim import current_lrs, lr_factor, set_lrs, stage_at
+
+
+def config(**changes) -> TrainConfig:
+    return TrainConfig(**{"data": "x", "backbone_weights": "w", "epochs": 5, "head_epochs": 2, "lr": 1e-2,
+                          "lr_finetune": 1e-4, **changes}).resolve()
+
+
+def test_stages_by_epoch():
+    cfg = config()
+    assert [stage_at(e, cfg) for e in range(5)] == ["head", "head", "finetune", "finetune", "finetune"]
+    assert [stage_at(e, config(unfreeze_stages="0")) for e in range(5)] == ["head"] * 5  # nothing unfreezes
+    assert [stage_at(e, config(head_epochs=0)) for e in range(2)] == ["finetune"] * 2
+
+
+def test_lr_factor_is_constant_then_a_cosine_to_five_percent():
+    cfg = config()  # 2 head epochs, then 3 fine-tuning epochs of 10 steps: the cosine spans steps 20..50
+    assert [lr_factor(s, 10, cfg) for s in (0, 19)] == [1.0, 1.0]
+    assert lr_factor(20, 10, cfg) == pytest.approx(1.0)
+    assert lr_factor(35, 10, cfg) == pytest.approx(0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_factor(50, 10, cfg) == pytest.approx(0.05) and lr_factor(80, 10, cfg) == pytest.approx(0.05)
+    assert lr_factor(35, 10, config(unfreeze_stages="0")) == 1.0
+
+
+def test_set_lrs_scales_each_parts_base_rate():
+    head, backbone = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([{"params": [head], "part": "head"}, {"params": [backbone], "part": "backbone"}])
+    set_lrs(optimizer, config(), 0.5)
+    assert current_lrs(optimizer) == pytest.approx({"head": 5e-3, "backbone": 5e-5})
