@@ -19,7 +19,7 @@ import torch
 from .errors import AttrclfError
 from .fileio import is_hub_id
 from .losses import LOSSES, NA_POLICIES, build_loss
-from .model import ALL_STAGES
+from .model import ALL_STAGES, GEOMETRIES
 
 # Defaults of flags left unset: (with --data, for the demo). The demo trains from scratch on small images, so it
 # takes bigger batches and a higher learning rate to finish in a few minutes on a CPU.
@@ -83,7 +83,13 @@ class TrainConfig:
                           "negatives too). Validation metrics and threshold tuning always skip NA", "ignore",
                           choices=list(NA_POLICIES))
     pos_weight_cap: float = _opt("upper bound of the per-attribute positive weight (negatives / positives)", 50.0)
-    crop_scale: float = _opt("smallest area fraction of the random resized crop", 0.5)
+    geometry: str = _opt("'whole': every image is resized whole to the input size, in training and evaluation "
+                         "(nothing is cropped, so a small mark near the border stays in view: the multilabel "
+                         "default); 'crop': timm's ImageNet geometry, random resized crops (--crop-scale) for "
+                         "training and the backbone's centre crop for evaluation. Stored in config.json, so "
+                         "prediction, evaluation, ONNX and the app use the same geometry", "whole",
+                         choices=list(GEOMETRIES))
+    crop_scale: float = _opt("--geometry crop: smallest area fraction of the random resized crop", 0.5)
     hflip: float = _opt("probability of a horizontal flip (0 when left/right matters)", 0.5)
     color_jitter: float = _opt("brightness/contrast/saturation jitter (hue never changes)", 0.3)
     random_erasing: float = _opt("probability of random erasing", 0.1)
@@ -97,6 +103,15 @@ class TrainConfig:
     head_feature_cache: bool = _opt("in the head-only stage, run the frozen backbone once per image (un-augmented) and "
                                     "train the head on the stored features; --no-head-feature-cache keeps "
                                     "augmentation in stage 1 at the cost of a backbone pass per image and epoch", True)
+    switch_warmup: float = _opt("epochs over which both learning rates rise linearly from 0 after the switch to "
+                                "fine-tuning, so the freshly unfrozen stage does not knock the trained head off its "
+                                "features (0 = none)", 1.0)
+    freeze_bn_stats: bool = _opt("keep every BatchNorm's running statistics at their pretrained values while its "
+                                 "stage fine-tunes (the weights still train); the statistics otherwise move towards "
+                                 "the new data and the head meets shifted features after the switch", False)
+    ema_decay: float = _opt("keep an exponential moving average of the weights (timm ModelEmaV3, decay warmed up "
+                            "from 0 towards this value); each epoch validates both the raw and the averaged "
+                            "weights and the better is kept (0 = off)", 0.9998)
     mixed_precision: str = _opt("'auto' (bf16 on GPUs and on CPUs with AVX512-BF16 or AMX, else fp32), 'no', 'bf16' "
                                 "or 'fp16'", "auto", choices=["auto", "no", "bf16", "fp16"])
     channels_last: bool = _opt("NHWC memory format for convolutional backbones (faster oneDNN / cuDNN kernels)", True)
@@ -157,6 +172,10 @@ class TrainConfig:
             raise AttrclfError(f"--mixup and --cutmix must be >= 0, 0 = off (got {self.mixup:g}, {self.cutmix:g})")
         if self.na_policy not in NA_POLICIES:
             raise AttrclfError(f"--na-policy must be one of {', '.join(NA_POLICIES)} (got '{self.na_policy}')")
+        if self.switch_warmup < 0:
+            raise AttrclfError(f"--switch-warmup must be >= 0 epochs, 0 = none (got {self.switch_warmup:g})")
+        if not 0 <= self.ema_decay < 1:
+            raise AttrclfError(f"--ema-decay must be in [0, 1), 0 = off (got {self.ema_decay:g})")
         if self.keep_checkpoints < 0:
             raise AttrclfError("--keep-checkpoints must be 0 (no checkpoints) or more")
         if self.folds is not None and self.folds < 2:

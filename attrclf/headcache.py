@@ -12,6 +12,7 @@ import torch
 from accelerate import Accelerator
 
 from .config import TrainConfig
+from .ema import update_ema
 from .loader import make_loader
 from .losses import apply_na_policy
 from .optim import lr_factor, set_lrs
@@ -75,19 +76,26 @@ class CachedHeadStage:
         self.val_set = backbone_features(model, val_loader, accelerator)
 
     def run_epoch(self, model, optimizer, val_loader, loss_fn, *, accelerator: Accelerator, state: RunState,
-                  epoch: int) -> tuple[float, ValidationResult]:
-        """One head epoch on the features; returns the mean training loss and the validation result."""
+                  epoch: int, ema=None) -> tuple[float, dict[str, ValidationResult]]:
+        """One head epoch on the features; returns the mean training loss and the validation results of the raw
+        weights ("raw") and of the weight average ("ema", when there is one: its frozen backbone is the model's, so
+        the same features serve it)."""
         if self.train_set is None:
             self._extract(model, val_loader, accelerator)
-        head = accelerator.unwrap_model(model).head
-        train_loss = train_head_epoch(head, self.train_set, optimizer, loss_fn, accelerator=accelerator, state=state,
-                                      cfg=self.cfg, epoch=epoch)
-        return train_loss, evaluate_head(head, self.val_set, loss_fn)
+        full_model = accelerator.unwrap_model(model)
+        train_loss = train_head_epoch(full_model.head, self.train_set, optimizer, loss_fn, accelerator=accelerator,
+                                      state=state, cfg=self.cfg, epoch=epoch,
+                                      after_step=lambda step: update_ema(ema, full_model, step))
+        validations = {"raw": evaluate_head(full_model.head, self.val_set, loss_fn)}
+        if ema is not None:
+            validations["ema"] = evaluate_head(ema.module.head, self.val_set, loss_fn)
+        return train_loss, validations
 
 
 def train_head_epoch(head, train_set: FeatureSet, optimizer, loss_fn, *, accelerator: Accelerator, state: RunState,
-                     cfg: TrainConfig, epoch: int) -> float:
-    """One epoch of the head over the stored features, in batches of the global batch size; the mean loss."""
+                     cfg: TrainConfig, epoch: int, after_step=None) -> float:
+    """One epoch of the head over the stored features, in batches of the global batch size; the mean loss.
+    `after_step(step)` runs after each optimiser step (the weight average's update)."""
     batch_size = cfg.batch_size * accelerator.num_processes
     order = torch.randperm(len(train_set.features), generator=torch.Generator().manual_seed(cfg.seed + epoch))
     starts = range(0, len(order) - batch_size + 1 if len(order) > batch_size else 1, batch_size)
@@ -102,6 +110,8 @@ def train_head_epoch(head, train_set: FeatureSet, optimizer, loss_fn, *, acceler
         accelerator.backward(loss)
         optimizer.step()
         state.step += 1
+        if after_step is not None:
+            after_step(state.step)
         value = loss.item()
         total, count = total + value, count + 1
         state.record_step(epoch, value)

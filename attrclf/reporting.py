@@ -10,6 +10,7 @@ metrics.json, written by `write_outputs` from `finalize`'s dict:
                          negatives, na, evaluated}; a figure that is undefined (no attribute with both classes) is null
     best_epoch, epochs_run, stopped_early, train_seconds, world_size, mixed_precision, resumed_from (a checkpoint
                          path or null)
+    weights              "raw" or "ema": which weights the best epoch kept (attrclf.ema); ema_decay its setting
     data                 source, split, train_images, validation_images, label_names, train_counts and
                          validation_counts ({name: {positive, negative, na}}), skipped_images, skipped ([{image,
                          reason}]: unreadable before training), decode_failures (a count) and decode_failed_images
@@ -62,6 +63,8 @@ def finalize(model: AttrClassifier, result: FitResult, data: AttrData, cfg: Trai
         "attrclf_version": __version__,
         "validation": {"loss": best.val_loss, **evaluation},
         "best_epoch": best.epoch,
+        "weights": best.weights,
+        "ema_decay": cfg.ema_decay,
         "epochs_run": result.epochs_run,
         "stopped_early": result.stopped_early,
         "train_seconds": round(result.seconds, 1),

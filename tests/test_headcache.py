@@ -37,8 +37,10 @@ def test_cached_validation_equals_the_whole_model(setup):
     data, cfg, model, loss_fn = setup
     accelerator = Accelerator(cpu=True)
     val_loader = make_loader(data.validation, eval_transform(model.config), 4, False)
-    _, cached = CachedHeadStage(data, cfg).run_epoch(model, make_optimizer(model, cfg), val_loader, loss_fn,
-                                                     accelerator=accelerator, state=RunState(), epoch=0)
+    _, validations = CachedHeadStage(data, cfg).run_epoch(model, make_optimizer(model, cfg), val_loader, loss_fn,
+                                                          accelerator=accelerator, state=RunState(), epoch=0)
+    assert list(validations) == ["raw"]  # no weight average given
+    cached = validations["raw"]
     reference = evaluate(model, val_loader, loss_fn, accelerator)  # the whole model, after the same head epoch
     assert cached.loss == pytest.approx(reference.loss, abs=1e-5)
     for name in ("probs", "targets", "mask"):
