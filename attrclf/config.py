@@ -18,6 +18,7 @@ import torch
 
 from .errors import AttrclfError
 from .fileio import is_hub_id
+from .heads import HEAD_TYPES
 from .losses import LOSSES, NA_POLICIES, build_loss
 from .model import ALL_STAGES
 
@@ -59,6 +60,12 @@ class TrainConfig:
     head_hidden: int = _opt("hidden width of the head; 0 = a single Linear", 128)
     head_dropout: float = _opt("dropout before the head's first Linear", 0.5)
     hidden_dropout: float = _opt("dropout before the head's last Linear", 0.3)
+    head: str = _opt("classification head: 'mlp' reads the pooled features; 'query' gives each attribute a learned "
+                     "query that attends to the other attributes and to every position of the feature map",
+                     "mlp", choices=list(HEAD_TYPES))
+    query_dim: int = _opt("--head query: width of the attribute queries and of their attention", 256)
+    query_heads: int = _opt("--head query: attention heads, which must divide --query-dim", 4)
+    query_layers: int = _opt("--head query: number of decoder layers (self- then cross-attention)", 1)
     epochs: int | None = _opt("maximum number of epochs, early stopping may end sooner (default: 30; demo: 10)")
     batch_size: int | None = _opt("images per batch and process (default: 32; demo: 64)")
     lr: float | None = _opt("learning rate of the head, and of the whole network when training from scratch "
@@ -167,6 +174,10 @@ class TrainConfig:
         if self.folds and self.resume not in (None, LATEST):
             raise AttrclfError("--resume PATH cannot be combined with --folds: use --resume alone, it finds each "
                                "fold's latest checkpoint")
+        query_ok = self.query_heads >= 1 and self.query_layers >= 1 and self.query_dim % self.query_heads == 0
+        if self.head == "query" and not query_ok:
+            raise AttrclfError(f"--query-dim ({self.query_dim}) must be a multiple of --query-heads "
+                               f"({self.query_heads}), and --query-layers ({self.query_layers}) at least 1")
         build_loss(self.loss, **self.loss_options())  # the loss checks its own settings
 
     def loss_options(self) -> dict:

@@ -54,6 +54,10 @@ def build_model(cfg: TrainConfig, label_names: list[str]) -> AttrClassifier:
         head_hidden=cfg.head_hidden,
         head_dropout=cfg.head_dropout,
         hidden_dropout=cfg.hidden_dropout,
+        head_type=cfg.head,
+        query_dim=cfg.query_dim,
+        query_heads=cfg.query_heads,
+        query_layers=cfg.query_layers,
     )
     return AttrClassifier(config, pretrained=cfg.pretrained and not cfg.backbone_weights,
                           backbone_weights=cfg.backbone_weights)
