@@ -87,8 +87,17 @@ class TrainConfig:
                                      "None weighs both 1")
     na_policy: str = _opt("what the training loss does with NA labels: 'ignore' leaves them out, 'negative' counts "
                           "them as absent (the common baseline, for comparison; pos_weight then counts them as "
-                          "negatives too). Validation metrics and threshold tuning always skip NA", "ignore",
+                          "negatives too), 'pseudo' adds the NA entries the model predicts confidently as "
+                          "down-weighted pseudo-labels from the first fine-tuning epoch on (see --pseudo-*). "
+                          "Validation metrics and threshold tuning always skip NA", "ignore",
                           choices=list(NA_POLICIES))
+    pseudo_low: float = _opt("--na-policy pseudo: an NA entry whose probability is at most this becomes a "
+                             "pseudo-negative, the threshold relaxing linearly to this value over the fine-tuning "
+                             "epochs", 0.05)
+    pseudo_high: float = _opt("--na-policy pseudo: an NA entry whose probability is at least this becomes a "
+                              "pseudo-positive, the threshold relaxing linearly to this value over the fine-tuning "
+                              "epochs", 0.95)
+    pseudo_weight: float = _opt("--na-policy pseudo: loss weight of a pseudo-label (a known label weighs 1)", 0.5)
     pos_weight_cap: float = _opt("upper bound of the per-attribute positive weight (negatives / positives)", 50.0)
     crop_scale: float = _opt("smallest area fraction of the random resized crop", 0.5)
     hflip: float = _opt("probability of a horizontal flip (0 when left/right matters)", 0.5)
@@ -164,6 +173,10 @@ class TrainConfig:
             raise AttrclfError(f"--mixup and --cutmix must be >= 0, 0 = off (got {self.mixup:g}, {self.cutmix:g})")
         if self.na_policy not in NA_POLICIES:
             raise AttrclfError(f"--na-policy must be one of {', '.join(NA_POLICIES)} (got '{self.na_policy}')")
+        if not (0 <= self.pseudo_low < self.pseudo_high <= 1 and 0 < self.pseudo_weight <= 1):
+            raise AttrclfError(f"--na-policy pseudo needs 0 <= --pseudo-low < --pseudo-high <= 1 and 0 < "
+                               f"--pseudo-weight <= 1 (got {self.pseudo_low:g}, {self.pseudo_high:g}, "
+                               f"{self.pseudo_weight:g})")
         if self.keep_checkpoints < 0:
             raise AttrclfError("--keep-checkpoints must be 0 (no checkpoints) or more")
         if self.folds is not None and self.folds < 2:
