@@ -176,3 +176,32 @@ def test_the_card_names_the_head():
 def test_timm_test_resnet_has_the_shapes_these_tests_assume():
     backbone = timm.create_model("test_resnet", num_classes=0)
     assert backbone.num_features == 96
+
+
+def test_a_query_head_run_trains_both_stages_saves_loads_strictly_and_its_card_names_the_head(tmp_path, tiny_data):
+    from pathlib import Path
+
+    from attrclf.engine import fit
+    from attrclf.reporting import finalize, write_outputs
+
+    data = tiny_split(tiny_data)
+    cfg = tiny_config(tiny_data, tmp_path, epochs=2, head_epochs=1, unfreeze_stages="1", keep_checkpoints=0,
+                      head="query", query_dim=16, query_heads=2)
+    torch.manual_seed(0)
+    model = build_model(cfg, data.label_names)
+    head_before = {k: v.clone() for k, v in model.head.state_dict().items()}
+    layer4_before = {k: v.clone() for k, v in model.backbone.layer4.state_dict().items()}
+    result = fit(model, data, cfg, Accelerator(cpu=True))
+    assert [e.stage for e in result.history.epochs] == ["head", "finetune"]
+    # the model holds the last epoch's weights: the head and, in the fine-tuning epoch, the last stage trained
+    assert any(not torch.equal(head_before[k], v) for k, v in model.head.state_dict().items())
+    assert any(not torch.equal(layer4_before[k], v) for k, v in model.backbone.layer4.state_dict().items())
+    metrics = finalize(model, result, data, cfg)
+    write_outputs(model, metrics, result, cfg=cfg, output_dir=Path(tmp_path))
+    card = (tmp_path / "README.md").read_text()
+    assert "- Head: attribute queries (`--head query`): one learned 16-wide query per attribute" in card
+    loaded = AttrClassifier.from_pretrained(tmp_path)
+    assert loaded.config == model.config and loaded.config.head_type == "query"
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
