@@ -23,7 +23,7 @@ from .ema import make_ema, update_ema
 from .headcache import CachedHeadStage, uses_feature_cache
 from .labels import compute_pos_weight, training_counts
 from .loader import DecodeFailures, balanced_sample_weights, make_loader
-from .losses import apply_na_policy, build_loss
+from .losses import PseudoLabeller, apply_na_policy, build_loss
 from .model import ALL_STAGES, AttrClassifier, AttrConfig
 from .optim import current_lrs, lr_factor, make_optimizer, set_lrs, stage_at
 from .reporting import finalize, fmt, progress, summary_table, write_outputs
@@ -55,6 +55,10 @@ def build_model(cfg: TrainConfig, label_names: list[str]) -> AttrClassifier:
         head_hidden=cfg.head_hidden,
         head_dropout=cfg.head_dropout,
         hidden_dropout=cfg.hidden_dropout,
+        head_type=cfg.head,
+        query_dim=cfg.query_dim,
+        query_heads=cfg.query_heads,
+        query_layers=cfg.query_layers,
     )
     return AttrClassifier(config, pretrained=cfg.pretrained and not cfg.backbone_weights,
                           backbone_weights=cfg.backbone_weights)
@@ -71,12 +75,31 @@ def training_batch(cfg: TrainConfig):
     return prepare
 
 
+def pseudo_labeller(cfg: TrainConfig, epoch: int) -> PseudoLabeller | None:
+    """--na-policy pseudo's labeller for `epoch` (0-based), its thresholds on the curriculum over the fine-tuning
+    epochs; None under the other policies and in the head stage (the head's first guesses are poor)."""
+    if cfg.na_policy != "pseudo" or stage_at(epoch, cfg) != "finetune":
+        return None
+    return PseudoLabeller.for_epoch(epoch - cfg.head_epochs, cfg.epochs - cfg.head_epochs, low=cfg.pseudo_low,
+                                    high=cfg.pseudo_high, weight=cfg.pseudo_weight)
+
+
+def report_pseudo_labels(pseudo: PseudoLabeller, accelerator: Accelerator) -> None:
+    """The epoch's pseudo-label counts over every process, in one log line."""
+    counts = accelerator.reduce(torch.tensor([pseudo.negatives, pseudo.positives], device=accelerator.device),
+                                reduction="sum").tolist()
+    accelerator.print(f"  pseudo-labels this epoch: {counts[0]} negative(s) at p <= {pseudo.low:.4f}, {counts[1]} "
+                      f"positive(s) at p >= {pseudo.high:.4f} (NA entries of training batches, weight "
+                      f"{pseudo.weight:g})")
+
+
 def train_one_epoch(model, loader, optimizer, loss_fn, *, accelerator: Accelerator, state: RunState,
                     cfg: TrainConfig, epoch: int, ema=None) -> float:
     """One pass over the training loader; appends per-iteration losses to state.history and folds each step into
     the weight average `ema` (attrclf.ema) when there is one. Returns the mean loss."""
     model.train()
     prepare = training_batch(cfg)
+    pseudo = pseudo_labeller(cfg, epoch)
     steps_per_epoch = len(loader)
     total, count = 0.0, 0
     bar = progress(loader, accelerator, f"epoch {epoch + 1}/{cfg.epochs} [{stage_at(epoch, cfg)}]")
@@ -84,7 +107,10 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, accelerator: Accelerat
         pixel_values, targets, mask = prepare(pixel_values, targets, mask)
         set_lrs(optimizer, cfg, lr_factor(state.step, steps_per_epoch, cfg))
         logits = model(pixel_values)
-        loss = loss_fn(logits, targets, mask)
+        weight = None
+        if pseudo is not None:  # confident predictions on NA entries join the loss as weighted pseudo-labels
+            targets, mask, weight = pseudo(logits, targets, mask)
+        loss = loss_fn(logits, targets, mask, weight)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
@@ -96,6 +122,8 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, accelerator: Accelerat
         bar.set_postfix(loss=f"{value:.4f}", refresh=False)
         if cfg.max_steps and state.step >= cfg.max_steps:
             break
+    if pseudo is not None:
+        report_pseudo_labels(pseudo, accelerator)
     return total / max(count, 1)
 
 

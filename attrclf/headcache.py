@@ -4,6 +4,12 @@ While the backbone is frozen its BatchNorm layers stay in eval mode (AttrClassif
 its output depends on the image alone: the backbone runs once over the training images (eval transform, no
 augmentation: the trade-off) and once over the validation images, and each head epoch trains and validates the head
 on those features. Validation is exact: the same logits the whole model gives.
+
+What is stored is what the head reads, `AttrClassifier.features`: pooled (N, F) vectors for the MLP head, kept where
+the model runs; for the query head the unpooled maps, F x H' x W' floats per image (ViT: tokens x width), kept in host
+memory and moved to the device batch by batch. For example MobileNetV2 at 224 px: 1,280 x 7 x 7 = 62,720 floats
+(245 KiB) per image instead of 1,280 (5 KiB); 10,000 images take 2.4 GiB. At 128 px it is 1,280 x 4 x 4 = 20,480
+floats (80 KiB). `--no-head-feature-cache` stores nothing.
 """
 
 from dataclasses import dataclass
@@ -30,25 +36,39 @@ def uses_feature_cache(cfg: TrainConfig) -> bool:
 
 @dataclass
 class FeatureSet:
-    """(N, F) pooled backbone features with the images' (N, A) targets and bool mask."""
+    """What the head reads of each image ((N, F) pooled, or (N, F, H', W') / (N, T, F) for a spatial head) with the
+    images' (N, A) targets and bool mask; targets and mask live on the device, spatial features in host memory."""
 
     features: torch.Tensor
     targets: torch.Tensor
     mask: torch.Tensor
 
+    def batch(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(features, targets, mask) of `rows`, all on the targets' device."""
+        device = self.targets.device
+        features = self.features[rows.to(self.features.device)].to(device)
+        rows = rows.to(device)
+        return features, self.targets[rows], self.mask[rows]
+
+    def megabytes(self) -> float:
+        """Memory the stored features take."""
+        return self.features.numel() * self.features.element_size() / 2**20
+
 
 @torch.no_grad()
 def backbone_features(model, loader, accelerator: Accelerator) -> FeatureSet:
-    """Pooled backbone features in eval mode, with targets and mask, gathered from every process."""
-    backbone = accelerator.unwrap_model(model).backbone
+    """What the head reads (`AttrClassifier.features`), backbone in eval mode, with targets and mask, gathered from
+    every process."""
+    unwrapped = accelerator.unwrap_model(model)
+    backbone, spatial = unwrapped.backbone, unwrapped.head.spatial
     was_training = backbone.training
     backbone.eval()
     features, targets, masks = [], [], []
     for pixel_values, target, mask in progress(loader, accelerator, "backbone features"):
         with accelerator.autocast():
-            batch = backbone(pixel_values).float()
+            batch = unwrapped.features(pixel_values).float()
         batch, target, mask = accelerator.gather_for_metrics((batch, target, mask))
-        features.append(batch)
+        features.append(batch.cpu() if spatial else batch)  # maps: host memory (see the module docstring)
         targets.append(target)
         masks.append(mask.bool())
     backbone.train(was_training)
@@ -74,6 +94,11 @@ class CachedHeadStage:
             channels_last=self.cfg.channels_last))
         self.train_set = backbone_features(model, loader, accelerator)
         self.val_set = backbone_features(model, val_loader, accelerator)
+        shape = " x ".join(map(str, self.train_set.features.shape[1:]))
+        images = len(self.train_set.features) + len(self.val_set.features)
+        megabytes = self.train_set.megabytes() + self.val_set.megabytes()
+        accelerator.print(f"head stage: cached what the head reads of {images} images, {shape} floats each "
+                          f"({megabytes:.0f} MiB)")
 
     def run_epoch(self, model, optimizer, val_loader, loss_fn, *, accelerator: Accelerator, state: RunState,
                   epoch: int, ema=None) -> tuple[float, dict[str, ValidationResult]]:
@@ -102,10 +127,10 @@ def train_head_epoch(head, train_set: FeatureSet, optimizer, loss_fn, *, acceler
     head.train()
     total, count = 0.0, 0
     for start in starts:
-        rows = order[start : start + batch_size].to(train_set.features.device)
+        features, batch_targets, batch_mask = train_set.batch(order[start : start + batch_size])
         set_lrs(optimizer, cfg, lr_factor(state.step, len(starts), cfg))
-        batch_targets, batch_mask = apply_na_policy(train_set.targets[rows], train_set.mask[rows], cfg.na_policy)
-        loss = loss_fn(head(train_set.features[rows]), batch_targets, batch_mask)
+        batch_targets, batch_mask = apply_na_policy(batch_targets, batch_mask, cfg.na_policy)
+        loss = loss_fn(head(features), batch_targets, batch_mask)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
@@ -121,7 +146,10 @@ def train_head_epoch(head, train_set: FeatureSet, optimizer, loss_fn, *, acceler
 
 
 @torch.no_grad()
-def evaluate_head(head, val_set: FeatureSet, loss_fn) -> ValidationResult:
-    """The validation result from stored validation features."""
+def evaluate_head(head, val_set: FeatureSet, loss_fn, *, batch_size: int = 256) -> ValidationResult:
+    """The validation result from stored validation features, the head run `batch_size` images at a time."""
     head.eval()
-    return ValidationResult.from_logits(head(val_set.features).float(), val_set.targets, val_set.mask, loss_fn)
+    rows = torch.arange(len(val_set.features))
+    logits = torch.cat([head(val_set.batch(rows[start : start + batch_size])[0]).float()
+                        for start in range(0, max(len(rows), 1), batch_size)])
+    return ValidationResult.from_logits(logits, val_set.targets, val_set.mask, loss_fn)

@@ -19,6 +19,7 @@ from torch import nn
 from . import __version__
 from .card import render_card
 from .errors import AttrclfError
+from .heads import HEAD_TYPES, build_head
 
 ALL_STAGES = "all"
 GEOMETRIES = ("whole", "crop")  # see attrclf.transforms
@@ -34,6 +35,12 @@ class AttrConfig:
         head_hidden: Width of the hidden layer of the head; 0 means a single Linear.
         head_dropout: Dropout before the first Linear of the head.
         hidden_dropout: Dropout before the last Linear (unused when head_hidden is 0).
+        head_type: "mlp" (pooled features, the three fields above) or "query" (attribute queries attending to every
+            position of the feature map, the query_* fields below); see attrclf.heads.
+        query_dim: Width of the query head's queries and attention.
+        query_heads: Attention heads of the query head (they divide query_dim).
+        query_layers: Decoder layers of the query head.
+        query_dropout: Dropout inside the query head.
         input_size: (C, H, W) the model sees.
         mean: Per-channel normalisation mean.
         std: Per-channel normalisation std.
@@ -50,6 +57,12 @@ class AttrConfig:
     head_hidden: int = 128
     head_dropout: float = 0.5
     hidden_dropout: float = 0.3
+    # config.json files written before the query head existed have none of these: the defaults are the MLP head
+    head_type: str = "mlp"
+    query_dim: int = 256
+    query_heads: int = 4
+    query_layers: int = 1
+    query_dropout: float = 0.1
     input_size: list[int] = field(default_factory=lambda: [3, 224, 224])
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
@@ -71,6 +84,7 @@ class AttrConfig:
                 f"config has {len(self.thresholds)} thresholds for {len(self.label_names)} attributes"
             )
         self.input_size = [int(v) for v in self.input_size]
+        self.check_head()
         self.mean = [float(v) for v in self.mean]
         self.std = [float(v) for v in self.std]
 
@@ -78,6 +92,14 @@ class AttrConfig:
     def geometry(self) -> str:
         """"whole" when evaluation sees the whole image (squash at crop_pct 1), else "crop" (see attrclf.transforms)."""
         return "whole" if self.crop_mode == "squash" and self.crop_pct >= 1.0 else "crop"
+
+    def check_head(self) -> None:
+        """Raise AttrclfError for a head this config cannot build."""
+        if self.head_type not in HEAD_TYPES:
+            raise AttrclfError(f"unknown head type '{self.head_type}'; choose one of: {', '.join(HEAD_TYPES)}")
+        if self.head_type == "query" and (self.query_heads < 1 or self.query_dim % self.query_heads):
+            raise AttrclfError(f"the query head's width {self.query_dim} (--query-dim) must be a multiple of its "
+                               f"attention heads {self.query_heads} (--query-heads)")
 
     @classmethod
     def for_backbone(cls, backbone: str, label_names: list[str], image_size: int | None = None, *,
@@ -119,14 +141,17 @@ def check_backbone_name(backbone: str) -> None:
         raise AttrclfError(f"unknown backbone '{backbone}': it is not a timm model name.{hint}")
 
 
-def build_head(in_features: int, num_labels: int, hidden: int, dropout: float, hidden_dropout: float) -> nn.Sequential:
-    """BatchNorm1d - Dropout - Linear(hidden) - ReLU - Dropout - Linear(A); hidden 0 gives a single Linear."""
-    layers: list[nn.Module] = [nn.BatchNorm1d(in_features), nn.Dropout(dropout)]
-    if hidden > 0:
-        layers += [nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Dropout(hidden_dropout)]
-        in_features = hidden
-    layers.append(nn.Linear(in_features, num_labels))
-    return nn.Sequential(*layers)
+def create_head(config: AttrConfig, backbone: nn.Module) -> nn.Module:
+    """The head config.head_type names, sized for what it reads of the backbone (see AttrClassifier.features)."""
+    num_labels = len(config.label_names)
+    if config.head_type == "query":  # reads forward_features: num_features channels (or token width)
+        return build_head("query", backbone.num_features, num_labels, dim=config.query_dim, heads=config.query_heads,
+                          layers=config.query_layers, dropout=config.query_dropout)
+    # reads the pooled output: head_hidden_size, which differs from num_features where timm adds a layer after the
+    # pooling (MobileNetV3's conv_head); the same number everywhere else, so saved MLP heads keep their shapes
+    pooled = getattr(backbone, "head_hidden_size", None) or backbone.num_features
+    return build_head("mlp", pooled, num_labels, hidden=config.head_hidden, dropout=config.head_dropout,
+                      hidden_dropout=config.hidden_dropout)
 
 
 def create_backbone(name: str, pretrained: bool = False, weights_file: str | None = None) -> nn.Module:
@@ -225,7 +250,7 @@ class AttrClassifier(
     tags=["image-classification", "multilabel", "attribute-classification", "timm"],
     pipeline_tag="image-classification",
 ):
-    """timm backbone (pooled features) -> head -> (B, A) logits, one per attribute.
+    """timm backbone -> features (pooled, or the feature map for a spatial head) -> head -> (B, A) logits.
 
     `from_pretrained` rebuilds the model from config.json with random backbone weights (it never downloads the
     backbone), then loads model.safetensors strictly.
@@ -236,17 +261,25 @@ class AttrClassifier(
         self.config = config
         self.frozen_bn_stats = False  # a training setting (--freeze-bn-stats), never saved: see `train`
         self.backbone = create_backbone(config.backbone, pretrained=pretrained, weights_file=backbone_weights)
-        self.head = build_head(
-            self.backbone.num_features,
-            len(config.label_names),
-            config.head_hidden,
-            config.head_dropout,
-            config.hidden_dropout,
-        )
+        self.head = create_head(config, self.backbone)
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """What the head reads of (B, C, H, W) normalised pixels.
+
+        (B, F) pooled features for the MLP head; for a spatial head (the query head) timm's unpooled
+        `forward_features`: a (B, F, H', W') feature map (NHWC backbones such as Swin are turned to NCHW), or (B, N, F)
+        ViT tokens.
+        """
+        if not self.head.spatial:
+            return self.backbone(pixel_values)
+        features = self.backbone.forward_features(pixel_values)
+        if features.ndim == 4 and getattr(self.backbone, "output_fmt", "NCHW") == "NHWC":
+            features = features.permute(0, 3, 1, 2)
+        return features
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) normalised pixels -> (B, A) logits."""
-        return self.head(self.backbone(pixel_values))
+        return self.head(self.features(pixel_values))
 
     # ---- which parameters train in which stage ----
 

@@ -8,7 +8,7 @@ import torch
 
 from attrclf import AttrClassifier, AttrclfError, AttrConfig
 from attrclf.config import TrainConfig
-from attrclf.model import build_head
+from attrclf.heads import MLPHead
 from attrclf.optim import make_optimizer
 
 
@@ -75,9 +75,9 @@ def test_config_json_round_trip_has_lists():
 
 
 def test_head_shapes():
-    head = build_head(8, 3, hidden=0, dropout=0.1, hidden_dropout=0.1)
+    head = MLPHead(8, 3, hidden=0, dropout=0.1, hidden_dropout=0.1)
     assert [type(m).__name__ for m in head] == ["BatchNorm1d", "Dropout", "Linear"]
-    head = build_head(8, 3, hidden=5, dropout=0.1, hidden_dropout=0.2)
+    head = MLPHead(8, 3, hidden=5, dropout=0.1, hidden_dropout=0.2)
     assert [type(m).__name__ for m in head] == ["BatchNorm1d", "Dropout", "Linear", "ReLU", "Dropout", "Linear"]
     assert head[2].out_features == 5 and head[5].out_features == 3
 
