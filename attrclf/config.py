@@ -117,8 +117,10 @@ class TrainConfig:
                                   "attribute: weight = known / positives of that attribute (1 with no known positive), "
                                   "capped at --pos-weight-cap", False)
     head_feature_cache: bool = _opt("in the head-only stage, run the frozen backbone once per image (un-augmented) and "
-                                    "train the head on the stored features; --no-head-feature-cache keeps "
-                                    "augmentation in stage 1 at the cost of a backbone pass per image and epoch", True)
+                                    "train the head on the stored features: head epochs become nearly free, but the "
+                                    "head overfits the fixed features and meets augmented images only at the switch "
+                                    "(validation mAP then dips); off by default, so the head trains on augmented "
+                                    "images at the cost of a frozen-backbone pass per image and epoch", False)
     switch_warmup: float = _opt("epochs over which both learning rates rise linearly from 0 after the switch to "
                                 "fine-tuning, so the freshly unfrozen stage does not knock the trained head off its "
                                 "features (0 = none)", 1.0)

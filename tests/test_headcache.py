@@ -78,9 +78,10 @@ def test_a_cached_head_step_equals_a_step_on_eval_features(setup):
     assert not any(p.grad is not None for p in model.backbone.parameters())
 
 
-def test_feature_cache_only_when_there_is_a_head_stage():
-    base = {"data": "x", "backbone_weights": "w"}
+def test_feature_cache_only_when_asked_and_there_is_a_head_stage():
+    assert not uses_feature_cache(TrainConfig(data="x", backbone_weights="w").resolve())  # off by default
+    base = {"data": "x", "backbone_weights": "w", "head_feature_cache": True}
     assert uses_feature_cache(TrainConfig(**base).resolve())
-    assert not uses_feature_cache(TrainConfig(**base, head_feature_cache=False).resolve())
+    assert not uses_feature_cache(TrainConfig(**{**base, "head_feature_cache": False}).resolve())
     assert not uses_feature_cache(TrainConfig(**base, head_epochs=0).resolve())
     assert not uses_feature_cache(TrainConfig().resolve())  # the demo trains from scratch: no head-only stage

@@ -173,7 +173,7 @@ def run(tiny_data, output_dir, monkeypatch, **changes):
     monkeypatch.setattr(engine, "pseudo_labeller", spy)
     data = tiny_split(tiny_data)
     cfg = tiny_config(tiny_data, output_dir, epochs=3, head_epochs=1, unfreeze_stages="all", keep_checkpoints=0,
-                      **changes)
+                      head_feature_cache=True, **changes)
     torch.manual_seed(0)
     model = build_model(cfg, data.label_names)
     accelerator = Accelerator(cpu=True)

@@ -135,7 +135,7 @@ def test_onnx_export_of_a_query_head_model_matches_pytorch(tmp_path):
 def test_cached_head_stage_trains_a_query_head_and_validates_like_the_whole_model(tmp_path, tiny_data):
     data = tiny_split(tiny_data)
     cfg = tiny_config(tiny_data, tmp_path, head_epochs=1, unfreeze_stages="1", lr=1e-2,
-                      batch_size=16, image_size=64, head="query", query_dim=16, query_heads=2)
+                      batch_size=16, image_size=64, head="query", query_dim=16, query_heads=2, head_feature_cache=True)
     assert uses_feature_cache(cfg)
     model = build_model(cfg, data.label_names)
     model.set_trainable(0)
