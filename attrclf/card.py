@@ -53,6 +53,9 @@ def render_card(config: dict, metrics: dict | None = None, train_config: dict | 
         rows=attribute_rows(config, metrics),
         backbone_origin=backbone_origin(train_config),
         loss_name=LOSS_NAMES.get(train_config.get("loss"), train_config.get("loss")),
+        head=head_description(config),
+        na_summary=na_summary(train_config),
+        na_procedure=na_procedure(train_config),
         limitations=limitations(metrics, train_config) if metrics else [],
         images=images,
         fmt=lambda v: "n/a" if v is None else f"{v:.3f}",
@@ -123,6 +126,51 @@ def backbone_origin(train_config: dict) -> str:
             return f"pretrained weights [`{hub_id}`](https://huggingface.co/{hub_id})"
         return "timm's pretrained weights"
     return "random initial weights (trained from scratch)"
+
+
+def head_description(config: dict) -> str:
+    """The head, in words for the card (a config.json without head_type has the MLP head)."""
+    num_labels = len(config["label_names"])
+    if config.get("head_type", "mlp") == "query":
+        return (f"attribute queries (`--head query`): one learned {config['query_dim']}-wide query per attribute, "
+                f"{config['query_layers']} decoder layer(s) in which the queries attend to each other and, with "
+                f"{config['query_heads']} attention heads, to every position of the backbone's unpooled feature map "
+                f"(dropout {config['query_dropout']}); each query's output gives its own attribute's logit")
+    hidden = (f" - Linear({config['head_hidden']}) - ReLU - Dropout({config['hidden_dropout']})"
+              if config["head_hidden"] else "")
+    return (f"BatchNorm1d - Dropout({config['head_dropout']}){hidden} - Linear({num_labels}) on the pooled "
+            f"features (`--head mlp`)")
+
+
+def na_summary(train_config: dict) -> str:
+    """What training did with NA labels, in one sentence for the card's opening (--na-policy)."""
+    policy = train_config.get("na_policy", "ignore")
+    if policy == "negative":
+        return ("NA entries counted as absent (0) in the training loss (`--na-policy negative`) and the positive "
+                "weights counted them as negatives; they never entered the metrics or the threshold search.")
+    if policy == "pseudo":
+        return ("NA entries never entered the metrics or the threshold search and the positive weights were counted "
+                "over known labels only; in the training loss, from the first fine-tuning epoch on, the NA entries "
+                "the model itself predicted most confidently served as down-weighted pseudo-labels "
+                "(`--na-policy pseudo`, see the training procedure).")
+    return ("NA entries never entered the loss (they are masked out of the mean and the gradients), the metrics or "
+            "the threshold search, and the positive weights were counted over known labels only.")
+
+
+def na_procedure(train_config: dict) -> str:
+    """The training procedure's line on NA labels (--na-policy and, for pseudo, its settings)."""
+    policy = train_config.get("na_policy", "ignore")
+    if policy == "pseudo":
+        low, high = train_config.get("pseudo_low", 0.05), train_config.get("pseudo_high", 0.95)
+        return (f"`--na-policy pseudo`, curriculum pseudo-labelling (Durand et al., CVPR 2019): NA entries left "
+                f"out of the loss in the head stage; from the first fine-tuning epoch on, an NA entry of a training "
+                f"batch whose predicted probability was at most {low:g} became a pseudo-negative and at least "
+                f"{high:g} a pseudo-positive, with loss weight {train_config.get('pseudo_weight', 0.5):g} (known "
+                f"labels 1); the thresholds started strict and relaxed linearly to these values over the "
+                f"fine-tuning epochs. Validation, the best epoch, the thresholds and every count saw real labels only")
+    if policy == "negative":
+        return "`--na-policy negative`: NA counted as absent (0) in the training loss"
+    return "`--na-policy ignore`: NA left out of the loss"
 
 
 def attribute_rows(config: dict, metrics: dict | None) -> list[dict]:

@@ -1,7 +1,8 @@
 """Checkpoints and resume: the whole training state after each epoch in OUTPUT/checkpoints/epoch_NNNN.
 
 A checkpoint folder holds accelerate's `save_state` (model, optimizer, scaler, every process's RNG states), the best
-epoch's weights (best_model.safetensors) and validation output (best_validation.safetensors: probs, targets, mask), and
+epoch's weights (best_model.safetensors) and validation output (best_validation.safetensors: probs, targets, mask), the
+moving average of the weights when the run keeps one (ema_model.safetensors, attrclf.ema), and
 training_state.json: `RunState.to_dict()` plus "fingerprint" (the data), "world_size", "batch_size", "train_config"
 (asdict(TrainConfig)) and "best" (`BestEpoch.summary()`).
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import safetensors.numpy
 import safetensors.torch
+import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
@@ -28,6 +30,7 @@ CHECKPOINTS = "checkpoints"  # OUTPUT/checkpoints/epoch_NNNN
 STATE_FILE = "training_state.json"
 BEST_WEIGHTS = "best_model.safetensors"
 BEST_PREDICTIONS = "best_validation.safetensors"
+EMA_WEIGHTS = "ema_model.safetensors"
 # settings that may change on --resume without a warning: they do not change what the run computes
 RESUME_FREE = {"resume", "output_dir", "keep_checkpoints", "num_workers", "cpu_threads", "epochs", "max_steps"}
 
@@ -72,7 +75,7 @@ def resume_point(cfg: TrainConfig) -> Path | None:
 
 
 def save_checkpoint(accelerator: Accelerator, run: RunState, best: BestEpoch, *, fingerprint: str,
-                    cfg: TrainConfig) -> Path:
+                    cfg: TrainConfig, ema: torch.nn.Module | None = None) -> Path:
     """The whole training state after an epoch, in OUTPUT/checkpoints/epoch_NNNN; the last --keep-checkpoints stay.
 
     Every process writes its part (its RNG states) into one temporary folder, which the main process renames when it
@@ -88,6 +91,8 @@ def save_checkpoint(accelerator: Accelerator, run: RunState, best: BestEpoch, *,
         accelerator.save_state(folder[0])
         if main:
             safetensors.torch.save_file(best.state, temporary / BEST_WEIGHTS)
+            if ema is not None:
+                safetensors.torch.save_file(contiguous_state(ema.module), temporary / EMA_WEIGHTS)
             safetensors.numpy.save_file({"probs": best.probs, "targets": best.targets,
                                          "mask": best.mask.astype(np.uint8)}, temporary / BEST_PREDICTIONS)
             saved = {**run.to_dict(), "fingerprint": fingerprint, "world_size": accelerator.num_processes,
@@ -123,4 +128,20 @@ def read_checkpoint(path: Path, fingerprint: str, cfg: TrainConfig,
     best = BestEpoch(**saved["best"], state=safetensors.torch.load_file(path / BEST_WEIGHTS),
                      probs=predictions["probs"], targets=predictions["targets"], mask=predictions["mask"].astype(bool))
     return RunState.from_dict(saved), best
+
+
+def contiguous_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state dict as contiguous CPU tensors (safetensors stores no channels_last)."""
+    return {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+            for k, v in module.state_dict().items()}
+
+
+def load_ema(path: Path, ema: torch.nn.Module | None) -> None:
+    """Put a checkpoint's weight average back into `ema` (strict); a run without one has nothing to load."""
+    if ema is None:
+        return
+    if not (path / EMA_WEIGHTS).is_file():
+        raise AttrclfError(f"--resume: checkpoint '{path}' has no {EMA_WEIGHTS} (it was written with --ema-decay 0); "
+                           f"resume with --ema-decay 0, or start afresh")
+    ema.module.load_state_dict(safetensors.torch.load_file(path / EMA_WEIGHTS), strict=True)
 

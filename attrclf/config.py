@@ -18,8 +18,9 @@ import torch
 
 from .errors import AttrclfError
 from .fileio import is_hub_id
+from .heads import HEAD_TYPES
 from .losses import LOSSES, NA_POLICIES, build_loss
-from .model import ALL_STAGES
+from .model import ALL_STAGES, GEOMETRIES
 
 # Defaults of flags left unset: (with --data, for the demo). The demo trains from scratch on small images, so it
 # takes bigger batches and a higher learning rate to finish in a few minutes on a CPU.
@@ -59,6 +60,12 @@ class TrainConfig:
     head_hidden: int = _opt("hidden width of the head; 0 = a single Linear", 128)
     head_dropout: float = _opt("dropout before the head's first Linear", 0.5)
     hidden_dropout: float = _opt("dropout before the head's last Linear", 0.3)
+    head: str = _opt("classification head: 'mlp' reads the pooled features; 'query' gives each attribute a learned "
+                     "query that attends to the other attributes and to every position of the feature map",
+                     "mlp", choices=list(HEAD_TYPES))
+    query_dim: int = _opt("--head query: width of the attribute queries and of their attention", 256)
+    query_heads: int = _opt("--head query: attention heads, which must divide --query-dim", 4)
+    query_layers: int = _opt("--head query: number of decoder layers (self- then cross-attention)", 1)
     epochs: int | None = _opt("maximum number of epochs, early stopping may end sooner (default: 30; demo: 10)")
     batch_size: int | None = _opt("images per batch and process (default: 32; demo: 64)")
     lr: float | None = _opt("learning rate of the head, and of the whole network when training from scratch "
@@ -80,10 +87,25 @@ class TrainConfig:
                                      "None weighs both 1")
     na_policy: str = _opt("what the training loss does with NA labels: 'ignore' leaves them out, 'negative' counts "
                           "them as absent (the common baseline, for comparison; pos_weight then counts them as "
-                          "negatives too). Validation metrics and threshold tuning always skip NA", "ignore",
+                          "negatives too), 'pseudo' adds the NA entries the model predicts confidently as "
+                          "down-weighted pseudo-labels from the first fine-tuning epoch on (see --pseudo-*). "
+                          "Validation metrics and threshold tuning always skip NA", "ignore",
                           choices=list(NA_POLICIES))
+    pseudo_low: float = _opt("--na-policy pseudo: an NA entry whose probability is at most this becomes a "
+                             "pseudo-negative, the threshold relaxing linearly to this value over the fine-tuning "
+                             "epochs", 0.05)
+    pseudo_high: float = _opt("--na-policy pseudo: an NA entry whose probability is at least this becomes a "
+                              "pseudo-positive, the threshold relaxing linearly to this value over the fine-tuning "
+                              "epochs", 0.95)
+    pseudo_weight: float = _opt("--na-policy pseudo: loss weight of a pseudo-label (a known label weighs 1)", 0.5)
     pos_weight_cap: float = _opt("upper bound of the per-attribute positive weight (negatives / positives)", 50.0)
-    crop_scale: float = _opt("smallest area fraction of the random resized crop", 0.5)
+    geometry: str = _opt("'whole': every image is resized whole to the input size, in training and evaluation "
+                         "(nothing is cropped, so a small mark near the border stays in view: the multilabel "
+                         "default); 'crop': timm's ImageNet geometry, random resized crops (--crop-scale) for "
+                         "training and the backbone's centre crop for evaluation. Stored in config.json, so "
+                         "prediction, evaluation, ONNX and the app use the same geometry", "whole",
+                         choices=list(GEOMETRIES))
+    crop_scale: float = _opt("--geometry crop: smallest area fraction of the random resized crop", 0.5)
     hflip: float = _opt("probability of a horizontal flip (0 when left/right matters)", 0.5)
     color_jitter: float = _opt("brightness/contrast/saturation jitter (hue never changes)", 0.3)
     random_erasing: float = _opt("probability of random erasing", 0.1)
@@ -95,8 +117,19 @@ class TrainConfig:
                                   "attribute: weight = known / positives of that attribute (1 with no known positive), "
                                   "capped at --pos-weight-cap", False)
     head_feature_cache: bool = _opt("in the head-only stage, run the frozen backbone once per image (un-augmented) and "
-                                    "train the head on the stored features; --no-head-feature-cache keeps "
-                                    "augmentation in stage 1 at the cost of a backbone pass per image and epoch", True)
+                                    "train the head on the stored features: head epochs become nearly free, but the "
+                                    "head overfits the fixed features and meets augmented images only at the switch "
+                                    "(validation mAP then dips); off by default, so the head trains on augmented "
+                                    "images at the cost of a frozen-backbone pass per image and epoch", False)
+    switch_warmup: float = _opt("epochs over which both learning rates rise linearly from 0 after the switch to "
+                                "fine-tuning, so the freshly unfrozen stage does not knock the trained head off its "
+                                "features (0 = none)", 1.0)
+    freeze_bn_stats: bool = _opt("keep every BatchNorm's running statistics at their pretrained values while its "
+                                 "stage fine-tunes (the weights still train); the statistics otherwise move towards "
+                                 "the new data and the head meets shifted features after the switch", False)
+    ema_decay: float = _opt("keep an exponential moving average of the weights (timm ModelEmaV3, decay warmed up "
+                            "from 0 towards this value); each epoch validates both the raw and the averaged "
+                            "weights and the better is kept (0 = off)", 0.9998)
     mixed_precision: str = _opt("'auto' (bf16 on GPUs and on CPUs with AVX512-BF16 or AMX, else fp32), 'no', 'bf16' "
                                 "or 'fp16'", "auto", choices=["auto", "no", "bf16", "fp16"])
     channels_last: bool = _opt("NHWC memory format for convolutional backbones (faster oneDNN / cuDNN kernels)", True)
@@ -157,6 +190,14 @@ class TrainConfig:
             raise AttrclfError(f"--mixup and --cutmix must be >= 0, 0 = off (got {self.mixup:g}, {self.cutmix:g})")
         if self.na_policy not in NA_POLICIES:
             raise AttrclfError(f"--na-policy must be one of {', '.join(NA_POLICIES)} (got '{self.na_policy}')")
+        if self.switch_warmup < 0:
+            raise AttrclfError(f"--switch-warmup must be >= 0 epochs, 0 = none (got {self.switch_warmup:g})")
+        if not 0 <= self.ema_decay < 1:
+            raise AttrclfError(f"--ema-decay must be in [0, 1), 0 = off (got {self.ema_decay:g})")
+        if not (0 <= self.pseudo_low < self.pseudo_high <= 1 and 0 < self.pseudo_weight <= 1):
+            raise AttrclfError(f"--na-policy pseudo needs 0 <= --pseudo-low < --pseudo-high <= 1 and 0 < "
+                               f"--pseudo-weight <= 1 (got {self.pseudo_low:g}, {self.pseudo_high:g}, "
+                               f"{self.pseudo_weight:g})")
         if self.keep_checkpoints < 0:
             raise AttrclfError("--keep-checkpoints must be 0 (no checkpoints) or more")
         if self.folds is not None and self.folds < 2:
@@ -167,6 +208,10 @@ class TrainConfig:
         if self.folds and self.resume not in (None, LATEST):
             raise AttrclfError("--resume PATH cannot be combined with --folds: use --resume alone, it finds each "
                                "fold's latest checkpoint")
+        query_ok = self.query_heads >= 1 and self.query_layers >= 1 and self.query_dim % self.query_heads == 0
+        if self.head == "query" and not query_ok:
+            raise AttrclfError(f"--query-dim ({self.query_dim}) must be a multiple of --query-heads "
+                               f"({self.query_heads}), and --query-layers ({self.query_layers}) at least 1")
         build_loss(self.loss, **self.loss_options())  # the loss checks its own settings
 
     def loss_options(self) -> dict:

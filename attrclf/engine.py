@@ -17,12 +17,13 @@ from accelerate.utils import gather_object, set_seed
 
 from . import demo
 from .augment import BatchMixer
-from .checkpoints import checkpoint_root, read_checkpoint, resume_point, save_checkpoint
+from .checkpoints import checkpoint_root, load_ema, read_checkpoint, resume_point, save_checkpoint
 from .config import TrainConfig
+from .ema import make_ema, update_ema
 from .headcache import CachedHeadStage, uses_feature_cache
 from .labels import compute_pos_weight, training_counts
 from .loader import DecodeFailures, balanced_sample_weights, make_loader
-from .losses import apply_na_policy, build_loss
+from .losses import PseudoLabeller, apply_na_policy, build_loss
 from .model import ALL_STAGES, AttrClassifier, AttrConfig
 from .optim import current_lrs, lr_factor, make_optimizer, set_lrs, stage_at
 from .reporting import finalize, fmt, progress, summary_table, write_outputs
@@ -54,6 +55,10 @@ def build_model(cfg: TrainConfig, label_names: list[str]) -> AttrClassifier:
         head_hidden=cfg.head_hidden,
         head_dropout=cfg.head_dropout,
         hidden_dropout=cfg.hidden_dropout,
+        head_type=cfg.head,
+        query_dim=cfg.query_dim,
+        query_heads=cfg.query_heads,
+        query_layers=cfg.query_layers,
     )
     return AttrClassifier(config, pretrained=cfg.pretrained and not cfg.backbone_weights,
                           backbone_weights=cfg.backbone_weights)
@@ -70,11 +75,31 @@ def training_batch(cfg: TrainConfig):
     return prepare
 
 
+def pseudo_labeller(cfg: TrainConfig, epoch: int) -> PseudoLabeller | None:
+    """--na-policy pseudo's labeller for `epoch` (0-based), its thresholds on the curriculum over the fine-tuning
+    epochs; None under the other policies and in the head stage (the head's first guesses are poor)."""
+    if cfg.na_policy != "pseudo" or stage_at(epoch, cfg) != "finetune":
+        return None
+    return PseudoLabeller.for_epoch(epoch - cfg.head_epochs, cfg.epochs - cfg.head_epochs, low=cfg.pseudo_low,
+                                    high=cfg.pseudo_high, weight=cfg.pseudo_weight)
+
+
+def report_pseudo_labels(pseudo: PseudoLabeller, accelerator: Accelerator) -> None:
+    """The epoch's pseudo-label counts over every process, in one log line."""
+    counts = accelerator.reduce(torch.tensor([pseudo.negatives, pseudo.positives], device=accelerator.device),
+                                reduction="sum").tolist()
+    accelerator.print(f"  pseudo-labels this epoch: {counts[0]} negative(s) at p <= {pseudo.low:.4f}, {counts[1]} "
+                      f"positive(s) at p >= {pseudo.high:.4f} (NA entries of training batches, weight "
+                      f"{pseudo.weight:g})")
+
+
 def train_one_epoch(model, loader, optimizer, loss_fn, *, accelerator: Accelerator, state: RunState,
-                    cfg: TrainConfig, epoch: int) -> float:
-    """One pass over the training loader; appends per-iteration losses to state.history. Returns the mean loss."""
+                    cfg: TrainConfig, epoch: int, ema=None) -> float:
+    """One pass over the training loader; appends per-iteration losses to state.history and folds each step into
+    the weight average `ema` (attrclf.ema) when there is one. Returns the mean loss."""
     model.train()
     prepare = training_batch(cfg)
+    pseudo = pseudo_labeller(cfg, epoch)
     steps_per_epoch = len(loader)
     total, count = 0.0, 0
     bar = progress(loader, accelerator, f"epoch {epoch + 1}/{cfg.epochs} [{stage_at(epoch, cfg)}]")
@@ -82,17 +107,23 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, accelerator: Accelerat
         pixel_values, targets, mask = prepare(pixel_values, targets, mask)
         set_lrs(optimizer, cfg, lr_factor(state.step, steps_per_epoch, cfg))
         logits = model(pixel_values)
-        loss = loss_fn(logits, targets, mask)
+        weight = None
+        if pseudo is not None:  # confident predictions on NA entries join the loss as weighted pseudo-labels
+            targets, mask, weight = pseudo(logits, targets, mask)
+        loss = loss_fn(logits, targets, mask, weight)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
         state.step += 1
+        update_ema(ema, accelerator.unwrap_model(model), state.step)
         value = accelerator.reduce(loss.detach(), reduction="mean").item()
         total, count = total + value, count + 1
         state.record_step(epoch, value)
         bar.set_postfix(loss=f"{value:.4f}", refresh=False)
         if cfg.max_steps and state.step >= cfg.max_steps:
             break
+    if pseudo is not None:
+        report_pseudo_labels(pseudo, accelerator)
     return total / max(count, 1)
 
 
@@ -102,7 +133,8 @@ def evaluate(model, loader, loss_fn, accelerator: Accelerator) -> ValidationResu
     model.eval()
     all_logits, all_targets, all_masks = [], [], []
     for pixel_values, targets, mask in progress(loader, accelerator, "validate"):
-        logits = model(pixel_values)
+        with accelerator.autocast():  # a prepared model has it already; the weight average (attrclf.ema) has not
+            logits = model(pixel_values)
         logits, targets, mask = accelerator.gather_for_metrics((logits.float(), targets, mask))
         all_logits.append(logits)
         all_targets.append(targets)
@@ -126,6 +158,7 @@ class TrainingParts:
     val_failures: DecodeFailures
     pos_weight: torch.Tensor
     head_stage: CachedHeadStage | None = None
+    ema: torch.nn.Module | None = None  # timm ModelEmaV3: the moving average of the weights (attrclf.ema)
 
 
 @dataclass
@@ -160,10 +193,11 @@ def setup_training(model: AttrClassifier, data: AttrData, cfg: TrainConfig, acce
                              num_workers=cfg.num_workers, failures=val_failures, channels_last=cfg.channels_last)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)  # in place: the optimizer's parameters stay the same objects
+    model.frozen_bn_stats = cfg.freeze_bn_stats
     head_stage = CachedHeadStage(data, cfg) if uses_feature_cache(cfg) else None
     return TrainingParts(model, loss_fn, make_optimizer(model, cfg), train_loader, val_loader,
                          train_failures=train_failures, val_failures=val_failures, pos_weight=pos_weight,
-                         head_stage=head_stage)
+                         head_stage=head_stage, ema=make_ema(model, cfg))
 
 
 def prepare_stage(accelerator: Accelerator, parts: TrainingParts, cfg: TrainConfig, stage: str, *,
@@ -210,6 +244,7 @@ def fit(model: AttrClassifier, data: AttrData, cfg: TrainConfig, accelerator: Ac
     prepared = prepare_stage(accelerator, parts, cfg, stage_at(run.epoch, cfg))
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
+        load_ema(resume_from, parts.ema)
         accelerator.print(f"resumed from {resume_from}: {run.epoch} epoch(s) and {run.step} step(s) done")
     while run.epoch < cfg.epochs and run.stop is None:
         stage = stage_at(run.epoch, cfg)
@@ -222,7 +257,7 @@ def fit(model: AttrClassifier, data: AttrData, cfg: TrainConfig, accelerator: Ac
         seed_epoch(cfg, run.epoch, accelerator, parts)
         best = run_epoch(prepared, parts, cfg, accelerator, run=run, best=best)
         if cfg.keep_checkpoints:
-            save_checkpoint(accelerator, run, best, fingerprint=fingerprint, cfg=cfg)
+            save_checkpoint(accelerator, run, best, fingerprint=fingerprint, cfg=cfg, ema=parts.ema)
     accelerator.unwrap_model(prepared.model).to(memory_format=torch.contiguous_format)  # safetensors saves contiguous
     run.history.best_epoch = best.epoch
     return FitResult(run.history, best, epochs_run=run.epoch, stopped_early=run.stop == "early_stopping",
@@ -236,20 +271,24 @@ def run_epoch(prepared: Prepared, parts: TrainingParts, cfg: TrainConfig, accele
     """Train one epoch, validate (loss and mAP), record it, update early stopping; returns the best epoch so far."""
     epoch, start = run.epoch, time.time()
     if parts.head_stage is not None and prepared.stage == "head":
-        train_loss, validation = parts.head_stage.run_epoch(
+        train_loss, validations = parts.head_stage.run_epoch(
             prepared.model, prepared.optimizer, prepared.val_loader, parts.loss_fn, accelerator=accelerator,
-            state=run, epoch=epoch)
+            state=run, epoch=epoch, ema=parts.ema)
     else:
         train_loss = train_one_epoch(prepared.model, prepared.train_loader, prepared.optimizer, parts.loss_fn,
-                                     accelerator=accelerator, state=run, cfg=cfg, epoch=epoch)
-        validation = evaluate(prepared.model, prepared.val_loader, parts.loss_fn, accelerator)
+                                     accelerator=accelerator, state=run, cfg=cfg, epoch=epoch, ema=parts.ema)
+        validations = {"raw": evaluate(prepared.model, prepared.val_loader, parts.loss_fn, accelerator)}
+        if parts.ema is not None:
+            validations["ema"] = evaluate(parts.ema.module, prepared.val_loader, parts.loss_fn, accelerator)
     failed = take_decode_failures(parts, accelerator)
-    val_map = validation.mean_ap()
-    score = val_map if val_map is not None else -validation.loss
-    improved = best is None or score > best.score + 1e-6
+    maps = {name: validation.mean_ap() for name, validation in validations.items()}
+    scores = {name: (maps[name] if maps[name] is not None else -v.loss) for name, v in validations.items()}
+    weights = max(scores, key=lambda name: (scores[name], name == "raw"))  # the raw weights win a tie
+    improved = best is None or scores[weights] > best.score + 1e-6
     lrs, seconds = current_lrs(prepared.optimizer), time.time() - start
-    record = EpochRecord(epoch=epoch + 1, stage=prepared.stage, train_loss=train_loss, val_loss=validation.loss,
-                         val_mAP=val_map, lr_head=lrs.get("head"),
+    record = EpochRecord(epoch=epoch + 1, stage=prepared.stage, train_loss=train_loss,
+                         val_loss=validations["raw"].loss, val_mAP=maps["raw"], val_mAP_ema=maps.get("ema"),
+                         lr_head=lrs.get("head"),
                          lr_backbone=lrs.get("backbone") if prepared.stage == "finetune" else 0.0,
                          seconds=round(seconds, 2), bad_images=len(failed))
     run.history.epochs.append(record)
@@ -257,19 +296,23 @@ def run_epoch(prepared: Prepared, parts: TrainingParts, cfg: TrainConfig, accele
     for name in failed:
         run.decode_failures[name] = run.decode_failures.get(name, 0) + 1
     if improved:
-        best = keep_best(prepared.model, validation, accelerator, score=score, epoch=epoch + 1)
+        source = prepared.model if weights == "raw" else parts.ema.module
+        best = keep_best(source, validations[weights], accelerator, score=scores[weights], epoch=epoch + 1,
+                         weights=weights)
     run.since_best = 0 if improved else run.since_best + 1
     run.epoch, run.seconds = epoch + 1, run.seconds + seconds
     run.stop = stop_reason(run, cfg, accelerator)
     return best
 
 
-def keep_best(model, validation: ValidationResult, accelerator: Accelerator, *, score: float, epoch: int) -> BestEpoch:
-    """A CPU copy of the weights (contiguous: safetensors stores no channels_last), with the validation output."""
+def keep_best(model, validation: ValidationResult, accelerator: Accelerator, *, score: float, epoch: int,
+              weights: str = "raw") -> BestEpoch:
+    """A CPU copy of the weights (contiguous: safetensors stores no channels_last), with the validation output;
+    `weights` says whether they are the raw or the averaged ones."""
     state_dict = accelerator.unwrap_model(model).state_dict()
-    weights = {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True) for k, v in state_dict.items()}
-    return BestEpoch(score=score, epoch=epoch, val_loss=validation.loss, state=weights, probs=validation.probs,
-                     targets=validation.targets, mask=validation.mask)
+    copies = {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True) for k, v in state_dict.items()}
+    return BestEpoch(score=score, epoch=epoch, val_loss=validation.loss, state=copies, probs=validation.probs,
+                     targets=validation.targets, mask=validation.mask, weights=weights)
 
 
 def report_epoch(record: EpochRecord, cfg: TrainConfig, accelerator: Accelerator, *, improved: bool,
@@ -281,7 +324,8 @@ def report_epoch(record: EpochRecord, cfg: TrainConfig, accelerator: Accelerator
                 f"{' ...' if len(failed) > 5 else ''}")
     accelerator.print(
         f"epoch {record.epoch}/{cfg.epochs} [{record.stage}] train_loss {record.train_loss:.4f}  "
-        f"val_loss {record.val_loss:.4f}  val_mAP {fmt(record.val_mAP, 4)}  ({record.seconds:.0f}s)"
+        f"val_loss {record.val_loss:.4f}  val_mAP {fmt(record.val_mAP, 4)}"
+        f"{f' (ema {fmt(record.val_mAP_ema, 4)})' if record.val_mAP_ema is not None else ''}  ({record.seconds:.0f}s)"
         f"{'  * best' if improved else ''}{more}"
     )
 

@@ -1,11 +1,16 @@
 """Losses over known labels only: NA entries (mask False) add nothing to the value or the gradients.
 
 Every loss takes (B, A) logits, (B, A) targets in [0, 1] (soft after mixup) and a (B, A) bool mask, True where the
-label is known, and returns the mean over the known entries. pos_weight (A,) multiplies the positive term of each
-attribute in every loss. ASL and focal loss already rebalance easy negatives, so with them you may want
-`--pos-weight-cap 1` (every pos_weight 1). The NA policy (`apply_na_policy`) decides, for training batches only,
-whether NA stays out of the loss or counts as a negative.
+label is known, and returns the mean over the known entries; with an optional (B, A) per-entry `weight` it returns the
+weighted mean over them instead, sum(weight * loss) / sum(weight) (the pseudo-labels of `--na-policy pseudo` weigh
+less than the known labels, which weigh 1). pos_weight (A,) multiplies the positive term of each attribute in every
+loss. ASL and focal loss already rebalance easy negatives, so with them you may want `--pos-weight-cap 1` (every
+pos_weight 1). The NA policy decides, for training batches only, whether NA stays out of the loss ("ignore"), counts
+as a negative ("negative", `apply_na_policy`), or is pseudo-labelled where the model is confident ("pseudo",
+`PseudoLabeller`, after the forward pass).
 """
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -13,15 +18,17 @@ from torch import nn
 
 from .errors import AttrclfError
 
-NA_POLICIES = ("ignore", "negative")  # what training does with NA: leave it out of the loss, or call it 0
+# what training does with NA: leave it out of the loss, call it 0, or pseudo-label the confident ones
+NA_POLICIES = ("ignore", "negative", "pseudo")
 
 
 def apply_na_policy(targets: torch.Tensor, mask: torch.Tensor, policy: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training targets and mask under --na-policy: "ignore" leaves NA out of the loss; "negative" counts it as 0.
+    """Training targets and mask under --na-policy: "ignore" leaves NA out of the loss; "negative" counts it as 0;
+    "pseudo" leaves it out here, as "ignore" does (its pseudo-labels need the model's output: see PseudoLabeller).
 
     Only training batches go through this: validation metrics and threshold tuning always skip NA.
     """
-    if policy == "ignore":
+    if policy in ("ignore", "pseudo"):
         return targets, mask
     if policy == "negative":
         return torch.where(mask, targets, torch.zeros_like(targets)), torch.ones_like(mask)
@@ -38,10 +45,17 @@ def known_only(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) 
             torch.where(mask, targets.float(), torch.zeros_like(targets, dtype=torch.float32)))
 
 
-def masked_mean(per_entry: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of (B, A) per-entry losses over the known entries; 0 when none is known."""
+def masked_mean(per_entry: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of (B, A) per-entry losses over the known entries; 0 when none is known.
+
+    With a (B, A) `weight`, the weighted mean over the known entries: sum(weight * loss) / sum(weight).
+    """
     per_entry = torch.where(mask, per_entry, torch.zeros_like(per_entry))
-    return per_entry.sum() / mask.sum().clamp(min=1)
+    if weight is None:
+        return per_entry.sum() / mask.sum().clamp(min=1)
+    weight = torch.where(mask, weight.to(per_entry.dtype), torch.zeros_like(per_entry))
+    total = weight.sum()
+    return (per_entry * weight).sum() / torch.where(total > 0, total, torch.ones_like(total))
 
 
 class MaskedBCEWithLogits(nn.Module):
@@ -51,11 +65,13 @@ class MaskedBCEWithLogits(nn.Module):
         super().__init__()
         self.register_buffer("pos_weight", pos_weight.float() if pos_weight is not None else None)
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """logits, targets (B, A); mask (B, A) bool, True where the label is known. Returns a scalar."""
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
+        """logits, targets (B, A); mask (B, A) bool, True where the label is known; optional (B, A) per-entry weight
+        (see masked_mean). Returns a scalar."""
         logits, targets = known_only(logits, targets, mask)
         per_entry = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=self.pos_weight, reduction="none")
-        return masked_mean(per_entry, mask)
+        return masked_mean(per_entry, mask, weight)
 
 
 def _focusing(base: torch.Tensor, gamma: float, detach: bool) -> torch.Tensor | float:
@@ -110,11 +126,13 @@ class AsymmetricLoss(nn.Module):
             positive = positive * self.pos_weight
         return positive, negative
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """logits, targets (B, A); mask (B, A) bool, True where the label is known. Returns a scalar."""
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
+        """logits, targets (B, A); mask (B, A) bool, True where the label is known; optional (B, A) per-entry weight
+        (see masked_mean). Returns a scalar."""
         logits, targets = known_only(logits, targets, mask)
         positive, negative = self.terms(logits, targets)
-        return masked_mean(positive + negative, mask)
+        return masked_mean(positive + negative, mask, weight)
 
 
 class FocalLoss(AsymmetricLoss):
@@ -138,12 +156,71 @@ class FocalLoss(AsymmetricLoss):
                          detach_focal_weight=detach_focal_weight)
         self.alpha = alpha
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
         logits, targets = known_only(logits, targets, mask)
         positive, negative = self.terms(logits, targets)
         if self.alpha is not None:
             positive, negative = self.alpha * positive, (1 - self.alpha) * negative
-        return masked_mean(positive + negative, mask)
+        return masked_mean(positive + negative, mask, weight)
+
+
+# ---------------------------------------------------------------- --na-policy pseudo
+
+
+@dataclass
+class PseudoLabeller:
+    """Online curriculum pseudo-labelling of NA entries (after Durand et al., CVPR 2019, "Learning a Deep ConvNet for
+    Multi-label Classification with Partial Labels"): a growing share of the missing labels is filled in with the
+    model's own most confident predictions.
+
+    Online: no extra pass over the data. In a training step, an NA entry whose detached probability is <= `low` joins
+    the loss as a pseudo-negative and one >= `high` as a pseudo-positive, with weight `weight` (known labels weigh 1).
+    Known entries are never changed. The curriculum (`for_epoch`) relaxes the thresholds epoch by epoch. Training
+    batches only: validation, the best epoch, the thresholds and the label counts see the real labels.
+
+    Attributes:
+        low: Probability at or below which an NA entry becomes a pseudo-negative.
+        high: Probability at or above which an NA entry becomes a pseudo-positive.
+        weight: Loss weight of a pseudo-label.
+        positives: Pseudo-positives made so far (this process).
+        negatives: Pseudo-negatives made so far (this process).
+    """
+
+    low: float
+    high: float
+    weight: float
+    positives: int = 0
+    negatives: int = 0
+
+    @classmethod
+    def for_epoch(cls, epoch: int, epochs: int, *, low: float, high: float, weight: float) -> "PseudoLabeller":
+        """The labeller of the `epoch`-th (0-based) of `epochs` curriculum epochs.
+
+        The thresholds start strict and relax linearly to (low, high): with f = (epoch + 1) / epochs, an NA entry is
+        pseudo-labelled at p <= low * f or p >= 1 - (1 - high) * f. The first epoch of 4 with the defaults admits
+        p <= 0.0125 and p >= 0.9875, the last p <= 0.05 and p >= 0.95.
+        """
+        share = min(1.0, (epoch + 1) / max(epochs, 1))
+        return cls(low=low * share, high=1.0 - (1.0 - high) * share, weight=weight)
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor,
+                 mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, A) logits, targets and bool mask -> targets, mask and per-entry weight with the pseudo-labels added.
+
+        Only entries with mask False can change; the logits are detached (a pseudo-label is a target, not a path
+        for gradients). An entry whose probability is NaN stays NA.
+        """
+        probs = torch.sigmoid(logits.detach().float())
+        negative = ~mask & (probs <= self.low)
+        positive = ~mask & (probs >= self.high)
+        pseudo = negative | positive
+        targets = torch.where(positive, torch.ones_like(targets), torch.where(negative, torch.zeros_like(targets),
+                                                                               targets))
+        weight = torch.where(pseudo, torch.full_like(probs, self.weight), torch.ones_like(probs))
+        self.positives += int(positive.sum())
+        self.negatives += int(negative.sum())
+        return targets, mask | pseudo, weight
 
 
 LOSSES = {"bce": MaskedBCEWithLogits, "asl": AsymmetricLoss, "focal": FocalLoss}

@@ -38,13 +38,21 @@ def stage_at(epoch: int, cfg: TrainConfig) -> str:
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
-    """Constant through the head stage, then a cosine from 1 to 0.05 over the fine-tuning epochs."""
+    """Constant through the head stage; then, from the switch to fine-tuning, a cosine from 1 to 0.05 over the
+    fine-tuning epochs, multiplied for its first --switch-warmup epochs by a linear ramp from 1/warm-up steps to 1.
+
+    `step` counts the optimiser steps done before this one; a run from scratch (no head stage) warms up too.
+    """
     start = cfg.head_epochs * steps_per_epoch
     if step < start or cfg.unfreeze == 0:
         return 1.0
     span = max(1, (cfg.epochs - cfg.head_epochs) * steps_per_epoch)
     progress = min(1.0, (step - start) / span)
-    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+    cosine = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+    warmup_steps = cfg.switch_warmup * steps_per_epoch
+    if step - start < warmup_steps:
+        return cosine * (step - start + 1) / warmup_steps
+    return cosine
 
 
 def set_lrs(optimizer: torch.optim.Optimizer, cfg: TrainConfig, factor: float) -> None:

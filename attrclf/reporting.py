@@ -10,11 +10,14 @@ metrics.json, written by `write_outputs` from `finalize`'s dict:
                          negatives, na, evaluated}; a figure that is undefined (no attribute with both classes) is null
     best_epoch, epochs_run, stopped_early, train_seconds, world_size, mixed_precision, resumed_from (a checkpoint
                          path or null)
+    weights              "raw" or "ema": which weights the best epoch kept (attrclf.ema); ema_decay its setting
     data                 source, split, train_images, validation_images, label_names, train_counts and
                          validation_counts ({name: {positive, negative, na}}), skipped_images, skipped ([{image,
                          reason}]: unreadable before training), decode_failures (a count) and decode_failed_images
                          ({name: epochs it failed to decode in}: images that passed the check but broke in training)
     pos_weight           {name: the loss's positive weight}
+    na_policy            {"policy": ignore | negative | pseudo, and for pseudo its pseudo_low, pseudo_high,
+                         pseudo_weight}: what the training loss did with NA (validation and these counts: real labels)
     thresholds_note      how the thresholds were chosen and which F1 is honest
 """
 
@@ -62,6 +65,8 @@ def finalize(model: AttrClassifier, result: FitResult, data: AttrData, cfg: Trai
         "attrclf_version": __version__,
         "validation": {"loss": best.val_loss, **evaluation},
         "best_epoch": best.epoch,
+        "weights": best.weights,
+        "ema_decay": cfg.ema_decay,
         "epochs_run": result.epochs_run,
         "stopped_early": result.stopped_early,
         "train_seconds": round(result.seconds, 1),
@@ -82,9 +87,18 @@ def finalize(model: AttrClassifier, result: FitResult, data: AttrData, cfg: Trai
             "decode_failed_images": result.decode_failures,
         },
         "pos_weight": dict(zip(names, [round(w, 4) for w in result.pos_weight], strict=True)),
+        "na_policy": na_policy_record(cfg),
         "thresholds_note": "thresholds maximise F1 on the validation split; f1_macro_tuned is measured on the same "
                            "images (optimistic), f1_macro_tuned_crossfit on held-out halves (honest)",
     }
+
+
+def na_policy_record(cfg: TrainConfig) -> dict:
+    """metrics.json's "na_policy": the policy, with the pseudo-labelling settings when it is "pseudo"."""
+    if cfg.na_policy != "pseudo":
+        return {"policy": cfg.na_policy}
+    return {"policy": "pseudo", "pseudo_low": cfg.pseudo_low, "pseudo_high": cfg.pseudo_high,
+            "pseudo_weight": cfg.pseudo_weight}
 
 
 def write_outputs(model: AttrClassifier, metrics: dict, result: FitResult, *, cfg: TrainConfig,

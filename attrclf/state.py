@@ -25,9 +25,11 @@ class EpochRecord:
     lr_backbone: float | None  # 0.0 in the head stage
     seconds: float
     bad_images: int  # images that failed to decode in this epoch
+    val_mAP_ema: float | None = None  # the same for the averaged weights (None with --ema-decay 0)
 
 
 EPOCH_COLUMNS = tuple(f.name for f in fields(EpochRecord))
+OPTIONAL_COLUMNS = ("val_mAP_ema",)  # written only by a run that has them (one with a weight average)
 
 
 @dataclass
@@ -50,8 +52,11 @@ class History:
     def to_dict(self) -> dict:
         """history.json's content: {"iterations": {step, epoch, loss}, "epochs": {column: [one per epoch]},
         "best_epoch": n (once known)}; the plots read this form."""
-        saved = {"iterations": asdict(self.iterations),
-                 "epochs": {name: [getattr(row, name) for row in self.epochs] for name in EPOCH_COLUMNS}}
+        columns = {name: [getattr(row, name) for row in self.epochs] for name in EPOCH_COLUMNS}
+        for name in OPTIONAL_COLUMNS:
+            if all(value is None for value in columns[name]):
+                del columns[name]
+        saved = {"iterations": asdict(self.iterations), "epochs": columns}
         if self.best_epoch is not None:
             saved["best_epoch"] = self.best_epoch
         return saved
@@ -59,8 +64,10 @@ class History:
     @classmethod
     def from_dict(cls, saved: dict) -> "History":
         columns = saved["epochs"]
+        count = len(columns["epoch"])
+        # a column added after a checkpoint was written reads as its default (None)
         rows = [EpochRecord(**dict(zip(EPOCH_COLUMNS, values, strict=True)))
-                for values in zip(*(columns[name] for name in EPOCH_COLUMNS), strict=True)]
+                for values in zip(*(columns.get(name, [None] * count) for name in EPOCH_COLUMNS), strict=True)]
         return cls(Iterations(**saved["iterations"]), rows, saved.get("best_epoch"))
 
 
@@ -127,10 +134,11 @@ class BestEpoch:
     probs: np.ndarray
     targets: np.ndarray
     mask: np.ndarray
+    weights: str = "raw"  # which weights scored best: "raw", or "ema" (the moving average, attrclf.ema)
 
     def summary(self) -> dict:
         """What training_state.json records of it; the tensors go to safetensors files beside it."""
-        return {"score": self.score, "epoch": self.epoch, "val_loss": self.val_loss}
+        return {"score": self.score, "epoch": self.epoch, "val_loss": self.val_loss, "weights": self.weights}
 
 
 @dataclass

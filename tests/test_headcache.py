@@ -37,8 +37,10 @@ def test_cached_validation_equals_the_whole_model(setup):
     data, cfg, model, loss_fn = setup
     accelerator = Accelerator(cpu=True)
     val_loader = make_loader(data.validation, eval_transform(model.config), 4, False)
-    _, cached = CachedHeadStage(data, cfg).run_epoch(model, make_optimizer(model, cfg), val_loader, loss_fn,
-                                                     accelerator=accelerator, state=RunState(), epoch=0)
+    _, validations = CachedHeadStage(data, cfg).run_epoch(model, make_optimizer(model, cfg), val_loader, loss_fn,
+                                                          accelerator=accelerator, state=RunState(), epoch=0)
+    assert list(validations) == ["raw"]  # no weight average given
+    cached = validations["raw"]
     reference = evaluate(model, val_loader, loss_fn, accelerator)  # the whole model, after the same head epoch
     assert cached.loss == pytest.approx(reference.loss, abs=1e-5)
     for name in ("probs", "targets", "mask"):
@@ -76,9 +78,10 @@ def test_a_cached_head_step_equals_a_step_on_eval_features(setup):
     assert not any(p.grad is not None for p in model.backbone.parameters())
 
 
-def test_feature_cache_only_when_there_is_a_head_stage():
-    base = {"data": "x", "backbone_weights": "w"}
+def test_feature_cache_only_when_asked_and_there_is_a_head_stage():
+    assert not uses_feature_cache(TrainConfig(data="x", backbone_weights="w").resolve())  # off by default
+    base = {"data": "x", "backbone_weights": "w", "head_feature_cache": True}
     assert uses_feature_cache(TrainConfig(**base).resolve())
-    assert not uses_feature_cache(TrainConfig(**base, head_feature_cache=False).resolve())
+    assert not uses_feature_cache(TrainConfig(**{**base, "head_feature_cache": False}).resolve())
     assert not uses_feature_cache(TrainConfig(**base, head_epochs=0).resolve())
     assert not uses_feature_cache(TrainConfig().resolve())  # the demo trains from scratch: no head-only stage

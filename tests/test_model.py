@@ -8,7 +8,7 @@ import torch
 
 from attrclf import AttrClassifier, AttrclfError, AttrConfig
 from attrclf.config import TrainConfig
-from attrclf.model import build_head
+from attrclf.heads import MLPHead
 from attrclf.optim import make_optimizer
 
 
@@ -75,9 +75,9 @@ def test_config_json_round_trip_has_lists():
 
 
 def test_head_shapes():
-    head = build_head(8, 3, hidden=0, dropout=0.1, hidden_dropout=0.1)
+    head = MLPHead(8, 3, hidden=0, dropout=0.1, hidden_dropout=0.1)
     assert [type(m).__name__ for m in head] == ["BatchNorm1d", "Dropout", "Linear"]
-    head = build_head(8, 3, hidden=5, dropout=0.1, hidden_dropout=0.2)
+    head = MLPHead(8, 3, hidden=5, dropout=0.1, hidden_dropout=0.2)
     assert [type(m).__name__ for m in head] == ["BatchNorm1d", "Dropout", "Linear", "ReLU", "Dropout", "Linear"]
     assert head[2].out_features == 5 and head[5].out_features == 3
 
@@ -180,3 +180,35 @@ def test_optimizer_covers_head_and_unfreezable_tail(tiny_model_factory):
     lrs = {(g["part"], g["weight_decay"] > 0): g["lr"] for g in optimizer.param_groups}
     assert lrs[("head", True)] == 1e-3 and lrs[("backbone", True)] == 1e-5
     assert all(p.ndim == 1 for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"])
+
+
+# One stage means one resolution level in every family: the last is the stride-32 stage (ViT: the last quarter of
+# its blocks), with the head convs / final norms that follow it; never a lone norm or a single 1x1 conv.
+LAST_STAGE = {
+    "test_resnet": ("layer4.",),
+    "test_efficientnet": ("blocks.4.", "conv_head.", "bn2."),  # its stride-32 blocks and the head conv after them
+    "mobilenetv3_small_050": ("blocks.4.", "blocks.5.", "conv_head."),
+    "test_convnext": ("stages.3.", "head.norm."),  # timm's last coarse group is head.norm alone
+    "test_vit": ("blocks.4.", "blocks.5.", "norm."),  # 6 blocks in depth quarters of 2: the last 2 and the final norm
+}
+
+
+@pytest.mark.parametrize("backbone", sorted(LAST_STAGE))
+def test_one_stage_unfreezes_the_same_real_blocks_in_every_family(backbone):
+    model = AttrClassifier(AttrConfig.for_backbone(backbone, ["a"], image_size=32))
+    model.set_trainable(1)
+    trainable = [n for n, p in model.backbone.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith(LAST_STAGE[backbone]) for n in trainable)
+    assert all(any(n.startswith(prefix) for n in trainable) for prefix in LAST_STAGE[backbone])  # each part in it
+    matrices = [p for p in model.backbone.parameters() if p.requires_grad and p.ndim > 1]
+    assert len(matrices) >= 2  # real blocks: several weight tensors, not a norm's vectors
+    stages = model.backbone_stages()
+    assert sorted(sum(stages, [])) == sorted(n for n, _ in model.backbone.named_parameters())  # each param once
+    model.set_trainable(2)  # two stages: strictly more, still ending with the last
+    assert set(trainable) < {n for n, p in model.backbone.named_parameters() if p.requires_grad}
+
+
+def test_stage_counts_by_family():
+    counts = {name: len(AttrClassifier(AttrConfig.for_backbone(name, ["a"], image_size=32)).backbone_stages())
+              for name in ("test_resnet", "test_convnext", "test_efficientnet", "test_vit")}
+    assert counts == {"test_resnet": 4, "test_convnext": 4, "test_efficientnet": 5, "test_vit": 3}

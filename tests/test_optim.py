@@ -22,12 +22,25 @@ def test_stages_by_epoch():
 
 
 def test_lr_factor_is_constant_then_a_cosine_to_five_percent():
-    cfg = config()  # 2 head epochs, then 3 fine-tuning epochs of 10 steps: the cosine spans steps 20..50
+    cfg = config(switch_warmup=0)  # 2 head epochs, then 3 fine-tuning epochs of 10 steps: the cosine spans 20..50
     assert [lr_factor(s, 10, cfg) for s in (0, 19)] == [1.0, 1.0]
     assert lr_factor(20, 10, cfg) == pytest.approx(1.0)
     assert lr_factor(35, 10, cfg) == pytest.approx(0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr_factor(50, 10, cfg) == pytest.approx(0.05) and lr_factor(80, 10, cfg) == pytest.approx(0.05)
     assert lr_factor(35, 10, config(unfreeze_stages="0")) == 1.0
+
+
+def test_the_switch_warms_both_learning_rates_up_linearly():
+    cfg = config(switch_warmup=1.0)  # the first fine-tuning epoch (steps 20..29) ramps up to the cosine
+    cosine = [0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (s - 20) / 30)) for s in range(20, 31)]
+    assert [lr_factor(s, 10, cfg) for s in (0, 19)] == [1.0, 1.0]  # the head stage is untouched
+    assert lr_factor(20, 10, cfg) == pytest.approx(cosine[0] * 1 / 10)  # the step right after the switch
+    assert lr_factor(24, 10, cfg) == pytest.approx(cosine[4] * 5 / 10)
+    assert lr_factor(29, 10, cfg) == pytest.approx(cosine[9] * 10 / 10)
+    assert lr_factor(30, 10, cfg) == pytest.approx(cosine[10])  # warm-up over: the plain cosine
+    half = config(switch_warmup=0.5)
+    assert lr_factor(22, 10, half) == pytest.approx(cosine[2] * 3 / 5) and lr_factor(25, 10, half) == pytest.approx(
+        cosine[5])
 
 
 def test_set_lrs_scales_each_parts_base_rate():

@@ -15,7 +15,8 @@ from attrclf.state import BestEpoch, EpochRecord, FitResult, History
 from .conftest import OUTPUT_FILES, tiny_split
 
 METRICS_KEYS = {"attrclf_version", "validation", "best_epoch", "epochs_run", "stopped_early", "train_seconds",
-                "world_size", "mixed_precision", "resumed_from", "data", "pos_weight", "thresholds_note"}
+                "world_size", "mixed_precision", "resumed_from", "data", "pos_weight", "na_policy", "thresholds_note",
+                "weights", "ema_decay"}
 
 
 @pytest.fixture
@@ -46,6 +47,7 @@ def test_metrics_json_holds_the_documented_keys_and_the_full_suite_of_the_best_e
     full = evaluate_predictions(best.probs, best.targets, best.mask, data.label_names, model.config.thresholds)
     assert metrics["validation"] == {"loss": 0.4, **full}
     assert (metrics["best_epoch"], metrics["epochs_run"], metrics["train_seconds"]) == (2, 2, 2.0)
+    assert (metrics["weights"], metrics["ema_decay"]) == (best.weights, 0.9998)
     assert metrics["pos_weight"] == {"a": 1.0, "b": 2.0, "c": 3.0}
     assert metrics["data"]["decode_failures"] == 2 and metrics["data"]["decode_failed_images"] == {"x.png": 2}
     counts = metrics["data"]["validation_counts"]

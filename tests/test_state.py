@@ -2,7 +2,7 @@
 
 import json
 
-from attrclf.state import EPOCH_COLUMNS, BestEpoch, EpochRecord, History, RunState
+from attrclf.state import EPOCH_COLUMNS, OPTIONAL_COLUMNS, BestEpoch, EpochRecord, History, RunState
 
 # training_state.json's loop part as engine.py wrote it before the state had types (new_run_state's dict after two
 # epochs, the second with a decode failure): checkpoints written then must still resume
@@ -45,10 +45,23 @@ def test_history_json_form_and_round_trip():
                                             "seconds": [1.5], "bad_images": [0]}}
     history.best_epoch = 1
     saved = json.loads(json.dumps(history.to_dict()))
-    assert saved["best_epoch"] == 1 and list(saved["epochs"]) == list(EPOCH_COLUMNS)
+    assert saved["best_epoch"] == 1
+    assert list(saved["epochs"]) == [c for c in EPOCH_COLUMNS if c not in OPTIONAL_COLUMNS]  # no weight average here
     assert History.from_dict(saved) == history
 
 
 def test_best_epoch_summary_is_what_the_state_file_records():
     best = BestEpoch(score=0.5, epoch=3, val_loss=0.7, state={}, probs=None, targets=None, mask=None)
-    assert best.summary() == {"score": 0.5, "epoch": 3, "val_loss": 0.7}
+    assert best.summary() == {"score": 0.5, "epoch": 3, "val_loss": 0.7, "weights": "raw"}
+    # a checkpoint written before the weight average records no "weights": it reads as the raw weights
+    assert BestEpoch(**{"score": 0.5, "epoch": 3, "val_loss": 0.7}, state={}, probs=None, targets=None,
+                     mask=None).weights == "raw"
+
+
+def test_the_weight_average_column_is_written_and_read_back_when_there_is_one():
+    history = History()
+    history.epochs.append(EpochRecord(epoch=1, stage="head", train_loss=0.5, val_loss=0.4, val_mAP=0.75, lr_head=0.01,
+                                      lr_backbone=0.0, seconds=1.5, bad_images=0, val_mAP_ema=0.8))
+    saved = json.loads(json.dumps(history.to_dict()))
+    assert list(saved["epochs"]) == list(EPOCH_COLUMNS) and saved["epochs"]["val_mAP_ema"] == [0.8]
+    assert History.from_dict(saved) == history
