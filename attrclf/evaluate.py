@@ -95,11 +95,16 @@ class Evaluation:
 # ---------------------------------------------------------------- reading and scoring
 
 
-def read_test_set(data: str, split: str | None = None, label_columns: list[str] | None = None) -> TestSet:
-    """One split of any source training accepts: the only one, or `split`, or 'test' when there are several."""
+def read_test_set(data: str, split: str | None = None, label_columns: list[str] | None = None, *,
+                  labels: str | None = None, images: str | None = None, group_column: str | None = None) -> TestSet:
+    """One split of any source training accepts: the only one, or `split`, or 'test' when there are several.
+
+    `labels`, `images` and `group_column` are read as training reads them (--labels, --images, --group-column); a
+    group column is not an attribute.
+    """
     from .sources import load_source  # the readers import `datasets`: only when evaluating
 
-    source = load_source(data, label_columns=label_columns)
+    source = load_source(data, images, labels, label_columns, group_column=group_column)
     splits, label_names, description = source.splits, source.label_names, source.description
     if split is None and len(splits) > 1 and "test" not in splits:
         raise AttrclfError(f"--data '{data}' has the splits {', '.join(splits)}: choose one with --split")
@@ -292,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help="labelled test set: a labels.txt folder, an image folder with "
                                                       "metadata, a saved dataset or a Hub dataset id")
     parser.add_argument("--split", default=None, help="split of --data to score (default: its only split, or 'test')")
+    parser.add_argument("--labels", default=None, help="labels file (default: DATA/labels.txt), as in training")
+    parser.add_argument("--images", default=None, help="images folder (default: DATA/images, else DATA), as training")
+    parser.add_argument("--group-column", default=None,
+                        help="a column of the labels that is not an attribute (training's --group-column)")
     parser.add_argument("--label-columns", nargs="+", metavar="NAME", default=None,
                         help="the attributes of --data to score (default: all of them)")
     parser.add_argument("--output", default=None, metavar="DIR",
@@ -307,7 +316,8 @@ def _run(argv: list[str] | None) -> int:
     if args.batch_size < 1:
         raise AttrclfError(f"--batch-size must be at least 1 (got {args.batch_size})")
     predictor = Predictor.from_pretrained(args.model, revision=args.revision, device=args.device)
-    test = read_test_set(args.data, args.split, args.label_columns)
+    test = read_test_set(args.data, args.split, args.label_columns, labels=args.labels, images=args.images,
+                         group_column=args.group_column)
     result = evaluate(predictor, test, model=args.model, batch_size=args.batch_size)
     print(format_report(result))
     if args.output:

@@ -122,3 +122,17 @@ def test_a_corrupt_image_is_listed_and_counted(model_dir, labels_factory, tmp_pa
     assert metrics["per_attribute"]["a"]["support"] == 1 and metrics["per_attribute"]["a"]["na"] == 1
     rows = list(csv.reader((out / "predictions.csv").read_text().splitlines()))
     assert [r[0] for r in rows[1:]] == ["img0.png", "img1.png", "img3.png"]
+
+
+def test_a_labels_file_read_as_training_reads_it(model_dir, labels_factory, tmp_path):
+    """--labels / --images / --group-column: a held-out labels file elsewhere, with a group column that is no
+    attribute, gives the same result as the plain folder."""
+    data = labels_factory(LINES)
+    names = [line.split()[0] for line in LINES[1:]]
+    grouped = tmp_path / "held_out.txt"
+    grouped.write_text("\n".join([LINES[0] + " group"] + [f"{line} g{i // 2}" for i, line in enumerate(LINES[1:])]))
+    test = read_test_set(str(data), labels=str(grouped), images=str(data / "images"), group_column="group")
+    assert test.label_names == ["a", "b"] and test.image_names == names
+    plain = evaluate(scripted(model_dir, names, PROBS), read_test_set(str(data)), model="m", batch_size=3)
+    held = evaluate(scripted(model_dir, names, PROBS), test, model="m", batch_size=3)
+    assert held.mAP == pytest.approx(plain.mAP) == pytest.approx(2 / 3)
