@@ -3,6 +3,7 @@
 import json
 import os
 import platform
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,3 +137,26 @@ def hide_training_labels(labels: LabelTable, validation: set[str], fraction: flo
                     row[i] = "NA"
         rows.append(row)
     return LabelTable(labels.header, rows)
+
+
+def write_labelled_images(entries: list[dict], out_dir: Path, *, label_names: list[str], group_column: str,
+                          render) -> None:
+    """out_dir/labels.txt (the group as last column) + images/ + images/metadata.jsonl, built in a temporary folder and
+    renamed into place. Each entry has "name", "labels" (1 / 0 / None per label name), "base" (its group) and what
+    `render(entry)` turns into the PIL image saved under images/NAME."""
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "images").mkdir(parents=True)
+    lines, records = [" ".join(["image_name", *label_names, group_column])], []
+    for entry in entries:
+        render(entry).save(staging / "images" / entry["name"])
+        values = ["NA" if v is None else str(v) for v in entry["labels"]]
+        lines.append(" ".join([entry["name"], *values, entry["base"]]))
+        records.append(json.dumps({"file_name": entry["name"], **dict(zip(label_names, entry["labels"], strict=True)),
+                                   group_column: entry["base"]}))
+    (staging / "labels.txt").write_text("\n".join(lines) + "\n")
+    (staging / "images" / "metadata.jsonl").write_text("\n".join(records) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
+

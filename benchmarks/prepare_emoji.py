@@ -33,6 +33,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from .common import write_labelled_images
+
 PACKAGES = ["emoji-datasource-twitter@16.0.0", "emoji-datasource-google@16.0.0", "emojibase-data@17.0.0"]
 VENDORS = ["twitter", "google"]
 TAG_WORDS = {
@@ -141,26 +143,6 @@ def to_rgb_on_white(path: Path) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
-def write_dataset(entries: list[dict], out_dir: Path) -> None:
-    """labels.txt + images/ + images/metadata.jsonl, built in a temporary folder and renamed into place."""
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / "images").mkdir(parents=True)
-    lines = [" ".join(["image_name", *LABEL_NAMES, GROUP_COLUMN])]
-    records = []
-    for entry in entries:
-        to_rgb_on_white(entry["source"]).save(staging / "images" / entry["name"])
-        values = ["NA" if v is None else str(v) for v in entry["labels"]]
-        lines.append(" ".join([entry["name"], *values, entry["base"]]))
-        records.append(json.dumps({"file_name": entry["name"], **dict(zip(LABEL_NAMES, entry["labels"], strict=True)),
-                                   GROUP_COLUMN: entry["base"]}))
-    (staging / "labels.txt").write_text("\n".join(lines) + "\n")
-    (staging / "images" / "metadata.jsonl").write_text("\n".join(records) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
-
-
 def count_table(entries: list[dict]) -> str:
     lines = [f"{'attribute':<10} {'1':>6} {'0':>6} {'NA':>6}"]
     for a, name in enumerate(LABEL_NAMES):
@@ -181,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     modules = npm_install(args.npm_dir)
     entries = image_entries(modules, emojibase_index(modules))
-    write_dataset(entries, args.out_dir)
+    write_labelled_images(entries, args.out_dir, label_names=LABEL_NAMES, group_column=GROUP_COLUMN,
+                          render=lambda entry: to_rgb_on_white(entry["source"]))
     print(count_table(entries))
     size = sum(p.stat().st_size for p in args.out_dir.rglob("*") if p.is_file())
     print(f"wrote {args.out_dir}/ ({size / 2**20:.1f} MiB): labels.txt, images/, images/metadata.jsonl")

