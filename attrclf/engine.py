@@ -17,7 +17,14 @@ from accelerate.utils import gather_object, set_seed
 
 from . import demo
 from .augment import BatchMixer
-from .checkpoints import checkpoint_root, load_ema, read_checkpoint, resume_point, save_checkpoint
+from .checkpoints import (
+    checkpoint_root,
+    contiguous_state,
+    load_ema,
+    read_checkpoint,
+    resume_point,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .ema import make_ema, update_ema
 from .headcache import CachedHeadStage, uses_feature_cache
@@ -309,9 +316,8 @@ def keep_best(model, validation: ValidationResult, accelerator: Accelerator, *, 
               weights: str = "raw") -> BestEpoch:
     """A CPU copy of the weights (contiguous: safetensors stores no channels_last), with the validation output;
     `weights` says whether they are the raw or the averaged ones."""
-    state_dict = accelerator.unwrap_model(model).state_dict()
-    copies = {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True) for k, v in state_dict.items()}
-    return BestEpoch(score=score, epoch=epoch, val_loss=validation.loss, state=copies, probs=validation.probs,
+    return BestEpoch(score=score, epoch=epoch, val_loss=validation.loss,
+                     state=contiguous_state(accelerator.unwrap_model(model)), probs=validation.probs,
                      targets=validation.targets, mask=validation.mask, weights=weights)
 
 
