@@ -160,3 +160,17 @@ def write_labelled_images(entries: list[dict], out_dir: Path, *, label_names: li
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
 
+
+def label_count_table(entries: list[dict], label_names: list[str]) -> str:
+    """Per attribute the count of 1 / 0 / NA (None) among the entries' "labels"; then images, groups ("base") and the
+    share of NA."""
+    lines = [f"{'attribute':<10} {'1':>6} {'0':>6} {'NA':>6}"]
+    for a, name in enumerate(label_names):
+        values = [e["labels"][a] for e in entries]
+        lines.append(f"{name:<10} {values.count(1):>6} {values.count(0):>6} {values.count(None):>6}")
+    total = len(entries) * len(label_names)
+    na = sum(v is None for e in entries for v in e["labels"])
+    lines.append(f"{len(entries)} images in {len({e['base'] for e in entries})} groups; "
+                 f"{na} of {total} labels NA ({na / total:.0%})")
+    return "\n".join(lines)
+

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .common import write_labelled_images
+from .common import label_count_table, write_labelled_images
 
 PACKAGES = ["emoji-datasource-twitter@16.0.0", "emoji-datasource-google@16.0.0", "emojibase-data@17.0.0"]
 VENDORS = ["twitter", "google"]
@@ -143,18 +143,6 @@ def to_rgb_on_white(path: Path) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
-def count_table(entries: list[dict]) -> str:
-    lines = [f"{'attribute':<10} {'1':>6} {'0':>6} {'NA':>6}"]
-    for a, name in enumerate(LABEL_NAMES):
-        values = [e["labels"][a] for e in entries]
-        lines.append(f"{name:<10} {values.count(1):>6} {values.count(0):>6} {values.count(None):>6}")
-    total = len(entries) * len(LABEL_NAMES)
-    na = sum(v is None for e in entries for v in e["labels"])
-    lines.append(f"{len(entries)} images in {len({e['base'] for e in entries})} groups; "
-                 f"{na} of {total} labels NA ({na / total:.0%})")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/data/emoji"))
@@ -165,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     entries = image_entries(modules, emojibase_index(modules))
     write_labelled_images(entries, args.out_dir, label_names=LABEL_NAMES, group_column=GROUP_COLUMN,
                           render=lambda entry: to_rgb_on_white(entry["source"]))
-    print(count_table(entries))
+    print(label_count_table(entries, LABEL_NAMES))
     size = sum(p.stat().st_size for p in args.out_dir.rglob("*") if p.is_file())
     print(f"wrote {args.out_dir}/ ({size / 2**20:.1f} MiB): labels.txt, images/, images/metadata.jsonl")
 

@@ -35,11 +35,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import resvg_py
 from PIL import Image
 
-from .common import write_labelled_images
+from .common import label_count_table, write_labelled_images
 
 PACKAGE = "@tabler/icons@3.52.0"
 BADGES = ["off", "plus", "minus", "check", "x", "up", "down", "search", "star", "heart", "cog", "question"]
@@ -119,17 +118,6 @@ def rasterise(svg: Path, size: int) -> Image.Image:
         return image.convert("L")
 
 
-def count_table(found: list[dict]) -> str:
-    values = np.array([[-1 if v is None else v for v in e["labels"]] for e in found])
-    lines = [f"{'attribute':<10} {'1':>6} {'0':>6} {'NA':>6}"]
-    for a, name in enumerate(LABEL_NAMES):
-        column = values[:, a]
-        lines.append(f"{name:<10} {(column == 1).sum():>6} {(column == 0).sum():>6} {(column == -1).sum():>6}")
-    lines.append(f"{len(found)} images in {len({e['base'] for e in found})} groups; {(values == -1).sum()} of "
-                 f"{values.size} labels NA ({(values == -1).mean():.0%})")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/data/tabler"))
@@ -140,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     found = entries(npm_install(args.npm_dir))
     write_labelled_images(found, args.out_dir, label_names=LABEL_NAMES, group_column=GROUP_COLUMN,
                           render=lambda entry: rasterise(entry["source"], args.size))
-    print(count_table(found))
+    print(label_count_table(found, LABEL_NAMES))
     size = sum(p.stat().st_size for p in args.out_dir.rglob("*") if p.is_file())
     print(f"wrote {args.out_dir}/ ({size / 2**20:.1f} MiB): labels.txt, images/, images/metadata.jsonl")
 
