@@ -1,10 +1,10 @@
 """An exponential moving average of the weights (timm's ModelEmaV3), validated beside the raw weights.
 
-The average follows every optimiser step, with timm's decay warm-up (decay = 1 - (1 + step)^-3/4, capped at
---ema-decay) so that it tracks a short run closely and smooths a long one. Each epoch both weight sets are validated
-and the better one competes for the best epoch (attrclf.engine); the kept set is named in metrics.json and the card
-("weights": "raw" or "ema"). A checkpoint stores the average as safetensors (attrclf.checkpoints), so a resumed run
-continues the same average.
+The average follows every optimiser step, with timm's decay warm-up (0 at the first optimiser step, then 1 -
+step^-3/4, capped at --ema-decay) so that it tracks a short run closely and smooths a long one. Each epoch both weight
+sets are validated and the better one competes for the best epoch (attrclf.engine); the kept set is named in
+metrics.json and the card ("weights": "raw" or "ema"). A checkpoint stores the average as safetensors
+(attrclf.checkpoints), so a resumed run continues the same average.
 """
 
 from __future__ import annotations
