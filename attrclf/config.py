@@ -51,6 +51,9 @@ class TrainConfig:
     label_columns: list[str] | None = _opt("attribute columns to train on (default: all)")
     group_column: str | None = _opt("column whose rows must stay on one side of the split (near-duplicates)")
     val_fraction: float = _opt("fraction of images for validation when the data has no validation split", 0.2)
+    header: bool | None = _opt("labels.txt: --header reads its first row as the attribute names, --no-header as an "
+                               "image's labels (default: decided from the rows; an uncertain first row stops the run)")
+    labels_encoding: str | None = _opt("text encoding of labels.txt, e.g. latin-1 (default: UTF-8, BOM or not)")
     demo_size: int = _opt("number of images in the generated demo dataset", 3000)
     backbone: str = _opt("timm backbone name", "resnet18")
     pretrained: bool | None = _opt("start from the backbone's pretrained weights (timm download); "

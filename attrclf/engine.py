@@ -51,7 +51,8 @@ def load_training_data(cfg: TrainConfig, accelerator: Accelerator) -> AttrData:
             f"attributes {', '.join(demo.LABEL_NAMES)}) from {data}"
         )
     return prepare_data(data, images=cfg.images, labels=cfg.labels, label_columns=cfg.label_columns,
-                        group_column=cfg.group_column, val_fraction=cfg.val_fraction, seed=cfg.seed)
+                        group_column=cfg.group_column, header=cfg.header, labels_encoding=cfg.labels_encoding,
+                        val_fraction=cfg.val_fraction, seed=cfg.seed)
 
 
 def build_model(cfg: TrainConfig, label_names: list[str]) -> AttrClassifier:

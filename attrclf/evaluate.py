@@ -96,15 +96,17 @@ class Evaluation:
 
 
 def read_test_set(data: str, split: str | None = None, label_columns: list[str] | None = None, *,
-                  labels: str | None = None, images: str | None = None, group_column: str | None = None) -> TestSet:
+                  labels: str | None = None, images: str | None = None, group_column: str | None = None,
+                  header: bool | None = None, labels_encoding: str | None = None) -> TestSet:
     """One split of any source training accepts: the only one, or `split`, or 'test' when there are several.
 
-    `labels`, `images` and `group_column` are read as training reads them (--labels, --images, --group-column); a
-    group column is not an attribute.
+    `labels`, `images`, `group_column`, `header` and `labels_encoding` are read as training reads them (--labels,
+    --images, --group-column, --header, --labels-encoding); a group column is not an attribute.
     """
     from .sources import load_source  # the readers import `datasets`: only when evaluating
 
-    source = load_source(data, images, labels, label_columns, group_column=group_column)
+    source = load_source(data, images, labels, label_columns, group_column=group_column, header=header,
+                         labels_encoding=labels_encoding)
     splits, label_names, description = source.splits, source.label_names, source.description
     if split is None and len(splits) > 1 and "test" not in splits:
         raise AttrclfError(f"--data '{data}' has the splits {', '.join(splits)}: choose one with --split")
@@ -303,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a column of the labels that is not an attribute (training's --group-column)")
     parser.add_argument("--label-columns", nargs="+", metavar="NAME", default=None,
                         help="the attributes of --data to score (default: all of them)")
+    parser.add_argument("--header", action=argparse.BooleanOptionalAction, default=None,
+                        help="labels.txt's first row is the attribute names (--header) or data (--no-header), "
+                        "as in training (default: decided from the rows)")
+    parser.add_argument("--labels-encoding", default=None, help="labels.txt's text encoding (default: UTF-8)")
     parser.add_argument("--output", default=None, metavar="DIR",
                         help="write metrics.json, predictions.csv and pr_curves.png here")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -317,7 +323,7 @@ def _run(argv: list[str] | None) -> int:
         raise AttrclfError(f"--batch-size must be at least 1 (got {args.batch_size})")
     predictor = Predictor.from_pretrained(args.model, revision=args.revision, device=args.device)
     test = read_test_set(args.data, args.split, args.label_columns, labels=args.labels, images=args.images,
-                         group_column=args.group_column)
+                         group_column=args.group_column, header=args.header, labels_encoding=args.labels_encoding)
     result = evaluate(predictor, test, model=args.model, batch_size=args.batch_size)
     print(format_report(result))
     if args.output:

@@ -24,7 +24,6 @@ from .images import drop_unreadable
 from .labels import (
     check_group_column,
     check_label_columns,
-    label_counts,
     parse_label_at,
     read_labels_file,
     select_columns,
@@ -82,13 +81,25 @@ class AttrData:
     warnings: list[str] = field(default_factory=list)
 
 
+def check_images_dir(images_dir: Path) -> None:
+    """The images folder of a labels file or metadata file must exist."""
+    if not images_dir.is_dir():
+        raise AttrclfError(f"images folder '{images_dir}' does not exist (pass --images DIR)")
+
+
 def rows_to_dataset(rows: list[dict], images_dir: Path, where: str) -> Dataset:
     """Rows with image names relative to `images_dir` -> Dataset; every listed image must exist."""
     if not rows:
         raise AttrclfError(f"{where}: no images listed; the dataset is empty")
-    if not images_dir.is_dir():
-        raise AttrclfError(f"images folder '{images_dir}' does not exist (pass --images DIR)")
+    check_images_dir(images_dir)
     paths = [images_dir / row["image_name"] for row in rows]
+    folders = [(row, path) for row, path in zip(rows, paths, strict=True) if path.is_dir()]
+    if folders:
+        row, path = folders[0]
+        line = f" line {row['line']}" if row.get("line") else ""
+        more = f" (and {len(folders) - 1} more)" if len(folders) > 1 else ""
+        raise AttrclfError(f"{where}{line}: '{row['image_name']}' is a directory in '{images_dir}', not an image "
+                           f"file{more}; list image files only")
     missing = [row["image_name"] for row, path in zip(rows, paths, strict=True) if not path.is_file()]
     if missing:
         raise AttrclfError(
@@ -114,6 +125,8 @@ def load_source(
     label_columns: list[str] | None = None,
     *,
     group_column: str | None = None,
+    header: bool | None = None,
+    labels_encoding: str | None = None,
 ) -> LoadedSource:
     """Any supported source (see the module docstring) -> its splits and attribute names.
 
@@ -123,10 +136,13 @@ def load_source(
         labels: The labels file (default: labels.txt in `data`).
         label_columns: Attributes to keep, in this order (default: every attribute column).
         group_column: Column whose rows the split keeps together (default: each image alone).
+        header: A labels file's first row is a header (True), data (False), or decided from the rows (None).
+        labels_encoding: A labels file's text encoding (default UTF-8, with or without BOM).
     """
     root = Path(data)
     if labels is not None or (root.is_dir() and (root / "labels.txt").is_file()) or root.is_file():
-        return _load_labels_file(root, images, labels, label_columns, group_column=group_column)
+        return _load_labels_file(root, images, labels, label_columns, group_column=group_column, header=header,
+                                 encoding=labels_encoding)
     if root.is_dir() and (find_metadata(root) or any(find_metadata(root / s) for s in ("train", *VALIDATION_SPLITS))):
         return load_image_folder(root, label_columns, group_column)
     if root.is_dir() and not (root / "dataset_info.json").is_file() and not (root / "dataset_dict.json").is_file():
@@ -139,12 +155,13 @@ def load_source(
     return load_hf_dataset(str(data), label_columns, group_column)
 
 
-def _load_labels_file(root: Path, images, labels, label_columns, *, group_column) -> LoadedSource:
+def _load_labels_file(root: Path, images, labels, label_columns, *, group_column, header, encoding) -> LoadedSource:
     """labels.txt (or --labels FILE) with its images folder (--images, else images/ beside it, else its folder)."""
     labels_path = Path(labels) if labels else (root if root.is_file() else root / "labels.txt")
     base = labels_path.parent
     images_dir = Path(images) if images else (base / "images" if (base / "images").is_dir() else base)
-    names, rows = read_labels_file(labels_path, group_column)
+    check_images_dir(images_dir)
+    names, rows = read_labels_file(labels_path, group_column, images_dir=images_dir, header=header, encoding=encoding)
     names, rows = select_columns(names, rows, label_columns, labels_path.name)
     return LoadedSource({"train": rows_to_dataset(rows, images_dir, labels_path.name)}, names,
                         f"{labels_path} + {images_dir}/")
@@ -326,6 +343,8 @@ def prepare_data(
     label_columns: list[str] | None = None,
     *,
     group_column: str | None = None,
+    header: bool | None = None,
+    labels_encoding: str | None = None,
     val_fraction: float = 0.2,
     seed: int = 42,
 ) -> AttrData:
@@ -335,7 +354,8 @@ def prepare_data(
         val_fraction: Share of the images (whole groups) that validate, when the source has no validation split.
         seed: Seed of that split.
     """
-    source = load_source(data, images, labels, label_columns, group_column=group_column)
+    source = load_source(data, images, labels, label_columns, group_column=group_column, header=header,
+                         labels_encoding=labels_encoding)
     splits, label_names = dict(source.splits), source.label_names
     skipped = []
     for name in list(splits):
@@ -349,8 +369,8 @@ def prepare_data(
         train, validation = split_by_group(splits["train"], val_fraction, seed=seed)
         by = f"grouped by '{group_column}'" if group_column else "by image"
         split = f"seeded random split (val_fraction={val_fraction}, seed={seed}, {by})"
-    warnings = [f"attribute '{n}' has no known labels in the training split" for n, c in
-                zip(label_names, label_counts(train["labels"], len(label_names)).known, strict=True) if c == 0]
     if len(train) < 2:
         raise AttrclfError(f"{source.description}: need at least 2 training images, found {len(train)}")
-    return AttrData(train, validation, label_names, source.description, split, skipped, warnings)
+    # An attribute without known labels is reported once, by compute_pos_weight, from the split each run trains on
+    # (each fold's, under --folds): a second warning here printed it twice.
+    return AttrData(train, validation, label_names, source.description, split, skipped)

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from attrclf.images import load_image
+from attrclf.labels import compute_pos_weight, training_counts
 from attrclf.sources import FEATURES, AttrData, LoadedSource, load_source, prepare_data
 
 from .conftest import error_of, write_image
@@ -69,9 +70,12 @@ def test_folder_without_labels(tmp_path):
 
 
 def test_no_known_labels_in_training_is_a_warning(labels_factory):
+    """Said once, by compute_pos_weight on the split training uses; prepare_data no longer repeats it (issue 14)."""
     root = labels_factory(["img a b", *[f"i{n}.png {n % 2} NA" for n in range(10)]])
     data = prepare_data(root)
-    assert any("'b' has no known labels" in w for w in data.warnings)
+    assert data.warnings == []
+    _, warnings = compute_pos_weight(training_counts(data.train["labels"], 2), data.label_names)
+    assert warnings == ["attribute 'b' has no known labels in the training split; pos_weight set to 1"]
 
 
 def test_prepare_data_splits_by_seed_and_says_how(labels_factory):
