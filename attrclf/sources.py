@@ -26,6 +26,7 @@ from .labels import (
     check_label_columns,
     parse_label_at,
     read_labels_file,
+    read_text,
     select_columns,
 )
 from .splits import split_by_group
@@ -144,7 +145,7 @@ def load_source(
         return _load_labels_file(root, images, labels, label_columns, group_column=group_column, header=header,
                                  encoding=labels_encoding)
     if root.is_dir() and (find_metadata(root) or any(find_metadata(root / s) for s in ("train", *VALIDATION_SPLITS))):
-        return load_image_folder(root, label_columns, group_column)
+        return load_image_folder(root, label_columns, group_column, encoding=labels_encoding)
     if root.is_dir() and not (root / "dataset_info.json").is_file() and not (root / "dataset_dict.json").is_file():
         raise AttrclfError(
             f"--data '{root}': found no labels.txt, metadata.csv / metadata.jsonl or saved dataset there.\n"
@@ -178,14 +179,16 @@ def find_metadata(folder: Path) -> Path | None:
     return None
 
 
-def load_image_folder(root: Path, label_columns: list[str] | None, group_column: str | None) -> LoadedSource:
-    """A `datasets` image folder: metadata in `root` or `root/train`, and optionally in a validation folder."""
+def load_image_folder(root: Path, label_columns: list[str] | None, group_column: str | None, *,
+                      encoding: str | None = None) -> LoadedSource:
+    """A `datasets` image folder: metadata in `root` or `root/train`, and optionally in a validation folder
+    (metadata read as UTF-8 with or without BOM, or `encoding`: --labels-encoding)."""
     splits, label_names = {}, None
     for split_name, folder in [("train", root), ("train", root / "train")] + [(s, root / s) for s in VALIDATION_SPLITS]:
         metadata = find_metadata(folder) if folder.is_dir() else None
         if metadata is None or split_name in splits:
             continue
-        names, rows = read_metadata(metadata, label_columns, group_column)
+        names, rows = read_metadata(metadata, label_columns, group_column, encoding=encoding)
         if label_names is not None and names != label_names:
             raise AttrclfError(f"{metadata}: attribute columns {names} differ from the train split's {label_names}")
         label_names = names
@@ -195,12 +198,14 @@ def load_image_folder(root: Path, label_columns: list[str] | None, group_column:
     return LoadedSource(splits, label_names, f"image folder {root}")
 
 
-def read_metadata(path: Path, label_columns: list[str] | None, group_column: str | None):
+def read_metadata(path: Path, label_columns: list[str] | None, group_column: str | None, *,
+                  encoding: str | None = None):
     """metadata.csv / metadata.jsonl of a `datasets` image folder -> (label_names, rows) as `read_labels_file`'s.
 
     `file_name` names the image; every other column is an attribute unless `label_columns` picks them.
     """
-    records = _read_csv(path) if path.suffix == ".csv" else _read_jsonl(path)
+    text = read_text(path, encoding)
+    records = _read_csv(path, text) if path.suffix == ".csv" else _read_jsonl(path, text)
     if not records:
         raise AttrclfError(f"{path}: no rows; the dataset is empty")
     columns = list(records[0][1].keys())
@@ -232,9 +237,10 @@ def read_metadata(path: Path, label_columns: list[str] | None, group_column: str
     return names, rows
 
 
-def _read_csv(path: Path) -> list[tuple[int, dict]]:
-    """(line number, record) pairs of a csv file with a header; every row as wide as the header."""
-    reader = csv.DictReader(io.StringIO(path.read_text(encoding="utf-8-sig")))
+def _read_csv(path: Path, text: str) -> list[tuple[int, dict]]:
+    """(line number, record) pairs of the csv file `path` (its `text`) with a header; every row as wide as the
+    header."""
+    reader = csv.DictReader(io.StringIO(text))
     if reader.fieldnames and len(set(reader.fieldnames)) != len(reader.fieldnames):
         dup = next(n for n in reader.fieldnames if reader.fieldnames.count(n) > 1)
         raise AttrclfError(f"{path.name} line 1: column '{dup}' appears twice in the header")
@@ -254,10 +260,10 @@ def _read_csv(path: Path) -> list[tuple[int, dict]]:
     return records
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    """(line number, record) pairs of a jsonl file; every object with the first one's keys."""
+def _read_jsonl(path: Path, text: str) -> list[tuple[int, dict]]:
+    """(line number, record) pairs of the jsonl file `path` (its `text`); every object with the first one's keys."""
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -185,6 +185,25 @@ def test_latin1_is_one_line_and_labels_encoding_reads_it(tmp_path):
         "--labels-encoding 'klingon': not an encoding Python knows (for example utf-8, latin-1, cp1252, utf-16)")
 
 
+@pytest.mark.parametrize("name, text", [
+    ("metadata.csv", "file_name,smile\na.png,1\ncaf\xe9.png,0\n"),
+    ("metadata.jsonl", '{"file_name": "a.png", "smile": 1}\n{"file_name": "caf\xe9.png", "smile": 0}\n'),
+])
+def test_image_folder_metadata_in_latin1_is_one_line_too(tmp_path, name, text):
+    root = tmp_path / "folder"
+    root.mkdir()
+    for image in ("a.png", "caf\xe9.png"):
+        Image.new("RGB", (8, 8)).save(root / image, format="PNG")
+    (root / name).write_bytes(text.encode("latin-1"))
+    data = text.encode("latin-1")
+    offset = data.index(b"\xe9")
+    line = data.count(b"\n", 0, offset) + 1
+    assert error_of(lambda: load_source(root)) == (
+        f"{name} is not UTF-8 (byte 0xe9 at offset {offset}, line {line}); if it is Latin-1, pass --labels-encoding "
+        f"latin-1 (or the file's encoding), or save it as UTF-8")
+    assert load_source(root, labels_encoding="latin-1").splits["train"]["image_name"] == ["a.png", "café.png"]
+
+
 def test_binary_and_utf16_files(tmp_path):
     png = dataset(tmp_path, b"", name="png")
     Image.new("RGB", (8, 8)).save(png / "labels.txt", format="PNG")
