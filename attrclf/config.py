@@ -88,7 +88,9 @@ class TrainConfig:
     na_policy: str = _opt("what the training loss does with NA labels: 'ignore' leaves them out, 'negative' counts "
                           "them as absent (the common baseline, for comparison; pos_weight then counts them as "
                           "negatives too), 'pseudo' adds the NA entries the model predicts confidently as "
-                          "down-weighted pseudo-labels from the first fine-tuning epoch on (see --pseudo-*). "
+                          "down-weighted pseudo-labels from the first fine-tuning epoch on (see --pseudo-*), "
+                          "'selective' counts an NA entry as a down-weighted negative where its attribute is rare "
+                          "and the model does not find it likely, after CSL (see --selective-*). "
                           "Validation metrics and threshold tuning always skip NA", "ignore",
                           choices=list(NA_POLICIES))
     pseudo_low: float = _opt("--na-policy pseudo: an NA entry whose probability is at most this becomes a "
@@ -98,6 +100,12 @@ class TrainConfig:
                               "pseudo-positive, the threshold relaxing linearly to this value over the fine-tuning "
                               "epochs", 0.95)
     pseudo_weight: float = _opt("--na-policy pseudo: loss weight of a pseudo-label (a known label weighs 1)", 0.5)
+    selective_max_prior: float = _opt("--na-policy selective: an attribute whose positive share among the known "
+                                      "training labels is above this keeps its NA entries out of the loss", 0.3)
+    selective_likely: float = _opt("--na-policy selective: an NA entry whose predicted probability is at least this "
+                                   "stays out of the loss, as likely present", 0.5)
+    selective_weight: float = _opt("--na-policy selective: loss weight of an NA entry counted as a negative (a known "
+                                   "label weighs 1)", 0.5)
     pos_weight_cap: float = _opt("upper bound of the per-attribute positive weight (negatives / positives)", 50.0)
     geometry: str = _opt("'whole': every image is resized whole to the input size, in training and evaluation "
                          "(nothing is cropped, so a small mark near the border stays in view: the multilabel "
@@ -198,6 +206,11 @@ class TrainConfig:
             raise AttrclfError(f"--na-policy pseudo needs 0 <= --pseudo-low < --pseudo-high <= 1 and 0 < "
                                f"--pseudo-weight <= 1 (got {self.pseudo_low:g}, {self.pseudo_high:g}, "
                                f"{self.pseudo_weight:g})")
+        if not (0 <= self.selective_max_prior <= 1 and 0 < self.selective_likely <= 1
+                and 0 < self.selective_weight <= 1):
+            raise AttrclfError(f"--na-policy selective needs --selective-max-prior in [0, 1] and "
+                               f"--selective-likely and --selective-weight in (0, 1] (got "
+                               f"{self.selective_max_prior:g}, {self.selective_likely:g}, {self.selective_weight:g})")
         if self.keep_checkpoints < 0:
             raise AttrclfError("--keep-checkpoints must be 0 (no checkpoints) or more")
         if self.folds is not None and self.folds < 2:
