@@ -164,16 +164,17 @@ def run(tiny_data, output_dir, monkeypatch, **changes):
     """A tiny run (a head epoch on cached features, then 2 fine-tuning epochs); returns what it made and left."""
     labellers = []
 
-    def spy(cfg, epoch):
-        labeller = real(cfg, epoch)
+    def spy(*args, **kwargs):
+        labeller = real(*args, **kwargs)
         labellers.append(labeller)
         return labeller
 
     real = engine.na_labeller
     monkeypatch.setattr(engine, "na_labeller", spy)
     data = tiny_split(tiny_data)
+    changes = {"head_feature_cache": True, **changes}
     cfg = tiny_config(tiny_data, output_dir, epochs=3, head_epochs=1, unfreeze_stages="all", keep_checkpoints=0,
-                      head_feature_cache=True, **changes)
+                      **changes)
     torch.manual_seed(0)
     model = build_model(cfg, data.label_names)
     accelerator = Accelerator(cpu=True)
