@@ -59,6 +59,7 @@ def build_model(cfg: TrainConfig, label_names: list[str]) -> AttrClassifier:
         cfg.backbone,
         label_names,
         image_size=cfg.image_size,
+        geometry=cfg.geometry,
         head_hidden=cfg.head_hidden,
         head_dropout=cfg.head_dropout,
         hidden_dropout=cfg.hidden_dropout,
