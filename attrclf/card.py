@@ -153,6 +153,11 @@ def na_summary(train_config: dict) -> str:
                 "over known labels only; in the training loss, from the first fine-tuning epoch on, the NA entries "
                 "the model itself predicted most confidently served as down-weighted pseudo-labels "
                 "(`--na-policy pseudo`, see the training procedure).")
+    if policy == "selective":
+        return ("NA entries never entered the metrics or the threshold search and the positive weights were counted "
+                "over known labels only; in the training loss, an NA entry of a rare attribute that the model did "
+                "not find likely counted as a down-weighted negative (`--na-policy selective`, see the training "
+                "procedure).")
     return ("NA entries never entered the loss (they are masked out of the mean and the gradients), the metrics or "
             "the threshold search, and the positive weights were counted over known labels only.")
 
@@ -168,6 +173,14 @@ def na_procedure(train_config: dict) -> str:
                 f"{high:g} a pseudo-positive, with loss weight {train_config.get('pseudo_weight', 0.5):g} (known "
                 f"labels 1); the thresholds started strict and relaxed linearly to these values over the "
                 f"fine-tuning epochs. Validation, the best epoch, the thresholds and every count saw real labels only")
+    if policy == "selective":
+        return (f"`--na-policy selective`, selective negatives after CSL (Ben-Baruch et al., CVPR 2022): in every "
+                f"epoch, an NA entry of a training batch counted as a negative with loss weight "
+                f"{train_config.get('selective_weight', 0.5):g} (known labels 1) when its attribute's positive share "
+                f"among the known training labels was at most {train_config.get('selective_max_prior', 0.3):g} and "
+                f"the model's probability for it below {train_config.get('selective_likely', 0.5):g}; every other "
+                f"NA entry stayed out of the loss. Validation, the best epoch, the thresholds and every count saw "
+                f"real labels only")
     if policy == "negative":
         return "`--na-policy negative`: NA counted as absent (0) in the training loss"
     return "`--na-policy ignore`: NA left out of the loss"

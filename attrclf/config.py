@@ -91,7 +91,9 @@ class TrainConfig:
     na_policy: str = _opt("what the training loss does with NA labels: 'ignore' leaves them out, 'negative' counts "
                           "them as absent (the common baseline, for comparison; pos_weight then counts them as "
                           "negatives too), 'pseudo' adds the NA entries the model predicts confidently as "
-                          "down-weighted pseudo-labels from the first fine-tuning epoch on (see --pseudo-*). "
+                          "down-weighted pseudo-labels from the first fine-tuning epoch on (see --pseudo-*), "
+                          "'selective' counts an NA entry as a down-weighted negative where its attribute is rare "
+                          "and the model does not find it likely, after CSL (see --selective-*). "
                           "Validation metrics and threshold tuning always skip NA", "ignore",
                           choices=list(NA_POLICIES))
     pseudo_low: float = _opt("--na-policy pseudo: an NA entry whose probability is at most this becomes a "
@@ -101,6 +103,12 @@ class TrainConfig:
                               "pseudo-positive, the threshold relaxing linearly to this value over the fine-tuning "
                               "epochs", 0.95)
     pseudo_weight: float = _opt("--na-policy pseudo: loss weight of a pseudo-label (a known label weighs 1)", 0.5)
+    selective_max_prior: float = _opt("--na-policy selective: an attribute whose positive share among the known "
+                                      "training labels is above this keeps its NA entries out of the loss", 0.3)
+    selective_likely: float = _opt("--na-policy selective: an NA entry whose predicted probability is at least this "
+                                   "stays out of the loss, as likely present", 0.5)
+    selective_weight: float = _opt("--na-policy selective: loss weight of an NA entry counted as a negative (a known "
+                                   "label weighs 1)", 0.5)
     pos_weight_cap: float = _opt("upper bound of the per-attribute positive weight (negatives / positives)", 50.0)
     geometry: str = _opt("'whole': every image is resized whole to the input size, in training and evaluation "
                          "(nothing is cropped, so a small mark near the border stays in view: the multilabel "
@@ -130,6 +138,9 @@ class TrainConfig:
     freeze_bn_stats: bool = _opt("keep every BatchNorm's running statistics at their pretrained values while its "
                                  "stage fine-tunes (the weights still train); the statistics otherwise move towards "
                                  "the new data and the head meets shifted features after the switch", False)
+    warm_bn_stats: bool = _opt("in the head stage, let the BatchNorm running statistics of the stages that fine-tuning "
+                               "will unfreeze follow the data (their weights stay frozen), so the head learns on the "
+                               "features it will meet after the switch instead of seeing them move under it", False)
     ema_decay: float = _opt("keep an exponential moving average of the weights (timm ModelEmaV3, decay warmed up "
                             "from 0 towards this value); each epoch validates both the raw and the averaged "
                             "weights and the better is kept (0 = off)", 0.9998)
@@ -195,12 +206,20 @@ class TrainConfig:
             raise AttrclfError(f"--na-policy must be one of {', '.join(NA_POLICIES)} (got '{self.na_policy}')")
         if self.switch_warmup < 0:
             raise AttrclfError(f"--switch-warmup must be >= 0 epochs, 0 = none (got {self.switch_warmup:g})")
+        if self.warm_bn_stats and self.head_feature_cache:
+            raise AttrclfError("--warm-bn-stats needs the head stage to run the backbone on every batch; it cannot be "
+                               "combined with --head-feature-cache")
         if not 0 <= self.ema_decay < 1:
             raise AttrclfError(f"--ema-decay must be in [0, 1), 0 = off (got {self.ema_decay:g})")
         if not (0 <= self.pseudo_low < self.pseudo_high <= 1 and 0 < self.pseudo_weight <= 1):
             raise AttrclfError(f"--na-policy pseudo needs 0 <= --pseudo-low < --pseudo-high <= 1 and 0 < "
                                f"--pseudo-weight <= 1 (got {self.pseudo_low:g}, {self.pseudo_high:g}, "
                                f"{self.pseudo_weight:g})")
+        if not (0 <= self.selective_max_prior <= 1 and 0 < self.selective_likely <= 1
+                and 0 < self.selective_weight <= 1):
+            raise AttrclfError(f"--na-policy selective needs --selective-max-prior in [0, 1] and "
+                               f"--selective-likely and --selective-weight in (0, 1] (got "
+                               f"{self.selective_max_prior:g}, {self.selective_likely:g}, {self.selective_weight:g})")
         if self.keep_checkpoints < 0:
             raise AttrclfError("--keep-checkpoints must be 0 (no checkpoints) or more")
         if self.folds is not None and self.folds < 2:

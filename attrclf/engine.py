@@ -28,9 +28,9 @@ from .checkpoints import (
 from .config import TrainConfig
 from .ema import make_ema, update_ema
 from .headcache import CachedHeadStage, uses_feature_cache
-from .labels import compute_pos_weight, training_counts
+from .labels import compute_pos_weight, label_counts, training_counts
 from .loader import DecodeFailures, balanced_sample_weights, make_loader
-from .losses import PseudoLabeller, apply_na_policy, build_loss
+from .losses import PseudoLabeller, SelectiveNegatives, apply_na_policy, build_loss
 from .model import ALL_STAGES, AttrClassifier, AttrConfig
 from .optim import current_lrs, lr_factor, make_optimizer, set_lrs, stage_at
 from .reporting import finalize, fmt, progress, summary_table, write_outputs
@@ -60,6 +60,7 @@ def build_model(cfg: TrainConfig, label_names: list[str]) -> AttrClassifier:
         cfg.backbone,
         label_names,
         image_size=cfg.image_size,
+        geometry=cfg.geometry,
         head_hidden=cfg.head_hidden,
         head_dropout=cfg.head_dropout,
         hidden_dropout=cfg.hidden_dropout,
@@ -83,31 +84,49 @@ def training_batch(cfg: TrainConfig):
     return prepare
 
 
-def pseudo_labeller(cfg: TrainConfig, epoch: int) -> PseudoLabeller | None:
-    """--na-policy pseudo's labeller for `epoch` (0-based), its thresholds on the curriculum over the fine-tuning
-    epochs; None under the other policies and in the head stage (the head's first guesses are poor)."""
+def na_labeller(cfg: TrainConfig, epoch: int,
+                priors: torch.Tensor | None = None) -> PseudoLabeller | SelectiveNegatives | None:
+    """The labeller of NA entries for `epoch` (0-based), called after the forward pass; None under "ignore" and
+    "negative". "pseudo": its thresholds on the curriculum over the fine-tuning epochs, none in the head stage (the
+    head's first guesses are poor). "selective": every epoch, with the training split's priors."""
+    if cfg.na_policy == "selective":
+        return SelectiveNegatives(priors, max_prior=cfg.selective_max_prior, likely=cfg.selective_likely,
+                                  weight=cfg.selective_weight)
     if cfg.na_policy != "pseudo" or stage_at(epoch, cfg) != "finetune":
         return None
     return PseudoLabeller.for_epoch(epoch - cfg.head_epochs, cfg.epochs - cfg.head_epochs, low=cfg.pseudo_low,
                                     high=cfg.pseudo_high, weight=cfg.pseudo_weight)
 
 
-def report_pseudo_labels(pseudo: PseudoLabeller, accelerator: Accelerator) -> None:
-    """The epoch's pseudo-label counts over every process, in one log line."""
-    counts = accelerator.reduce(torch.tensor([pseudo.negatives, pseudo.positives], device=accelerator.device),
+def known_priors(labels: list[list[int | None]], num_labels: int) -> torch.Tensor:
+    """(A,) positive share of the known labels per attribute (0 where none is known)."""
+    counts = label_counts(labels, num_labels)
+    return torch.tensor([p / k if k else 0.0 for p, k in zip(counts.positive, counts.known, strict=True)])
+
+
+def report_na_labels(labeller: PseudoLabeller | SelectiveNegatives, accelerator: Accelerator) -> None:
+    """The epoch's counts of labelled NA entries over every process, in one log line."""
+    if isinstance(labeller, SelectiveNegatives):
+        counts = accelerator.reduce(torch.tensor([labeller.negatives, labeller.ignored], device=accelerator.device),
+                                    reduction="sum").tolist()
+        accelerator.print(f"  selective NA this epoch: {counts[0]} counted as negative (weight {labeller.weight:g}), "
+                          f"{counts[1]} left out (a common attribute, or p >= {labeller.likely:g})")
+        return
+    counts = accelerator.reduce(torch.tensor([labeller.negatives, labeller.positives], device=accelerator.device),
                                 reduction="sum").tolist()
-    accelerator.print(f"  pseudo-labels this epoch: {counts[0]} negative(s) at p <= {pseudo.low:.4f}, {counts[1]} "
-                      f"positive(s) at p >= {pseudo.high:.4f} (NA entries of training batches, weight "
-                      f"{pseudo.weight:g})")
+    accelerator.print(f"  pseudo-labels this epoch: {counts[0]} negative(s) at p <= {labeller.low:.4f}, {counts[1]} "
+                      f"positive(s) at p >= {labeller.high:.4f} (NA entries of training batches, weight "
+                      f"{labeller.weight:g})")
 
 
 def train_one_epoch(model, loader, optimizer, loss_fn, *, accelerator: Accelerator, state: RunState,
-                    cfg: TrainConfig, epoch: int, ema=None) -> float:
+                    cfg: TrainConfig, epoch: int, ema=None, priors: torch.Tensor | None = None) -> float:
     """One pass over the training loader; appends per-iteration losses to state.history and folds each step into
-    the weight average `ema` (attrclf.ema) when there is one. Returns the mean loss."""
+    the weight average `ema` (attrclf.ema) when there is one; `priors` (A,) are the known training labels' positive
+    shares, which --na-policy selective needs. Returns the mean loss."""
     model.train()
     prepare = training_batch(cfg)
-    pseudo = pseudo_labeller(cfg, epoch)
+    pseudo = na_labeller(cfg, epoch, priors)
     steps_per_epoch = len(loader)
     total, count = 0.0, 0
     bar = progress(loader, accelerator, f"epoch {epoch + 1}/{cfg.epochs} [{stage_at(epoch, cfg)}]")
@@ -116,7 +135,7 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, accelerator: Accelerat
         set_lrs(optimizer, cfg, lr_factor(state.step, steps_per_epoch, cfg))
         logits = model(pixel_values)
         weight = None
-        if pseudo is not None:  # confident predictions on NA entries join the loss as weighted pseudo-labels
+        if pseudo is not None:  # NA entries the model's output decides on join the loss, weighted
             targets, mask, weight = pseudo(logits, targets, mask)
         loss = loss_fn(logits, targets, mask, weight)
         optimizer.zero_grad(set_to_none=True)
@@ -131,7 +150,7 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, accelerator: Accelerat
         if cfg.max_steps and state.step >= cfg.max_steps:
             break
     if pseudo is not None:
-        report_pseudo_labels(pseudo, accelerator)
+        report_na_labels(pseudo, accelerator)
     return total / max(count, 1)
 
 
@@ -167,6 +186,7 @@ class TrainingParts:
     pos_weight: torch.Tensor
     head_stage: CachedHeadStage | None = None
     ema: torch.nn.Module | None = None  # timm ModelEmaV3: the moving average of the weights (attrclf.ema)
+    priors: torch.Tensor | None = None  # (A,) positive share of the known training labels (--na-policy selective)
 
 
 @dataclass
@@ -202,10 +222,12 @@ def setup_training(model: AttrClassifier, data: AttrData, cfg: TrainConfig, acce
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)  # in place: the optimizer's parameters stay the same objects
     model.frozen_bn_stats = cfg.freeze_bn_stats
+    model.warm_bn_stages = cfg.unfreeze if cfg.warm_bn_stats else 0
     head_stage = CachedHeadStage(data, cfg) if uses_feature_cache(cfg) else None
     return TrainingParts(model, loss_fn, make_optimizer(model, cfg), train_loader, val_loader,
                          train_failures=train_failures, val_failures=val_failures, pos_weight=pos_weight,
-                         head_stage=head_stage, ema=make_ema(model, cfg))
+                         head_stage=head_stage, ema=make_ema(model, cfg),
+                         priors=known_priors(data.train["labels"], num_labels))
 
 
 def prepare_stage(accelerator: Accelerator, parts: TrainingParts, cfg: TrainConfig, stage: str, *,
@@ -284,7 +306,8 @@ def run_epoch(prepared: Prepared, parts: TrainingParts, cfg: TrainConfig, accele
             state=run, epoch=epoch, ema=parts.ema)
     else:
         train_loss = train_one_epoch(prepared.model, prepared.train_loader, prepared.optimizer, parts.loss_fn,
-                                     accelerator=accelerator, state=run, cfg=cfg, epoch=epoch, ema=parts.ema)
+                                     accelerator=accelerator, state=run, cfg=cfg, epoch=epoch, ema=parts.ema,
+                                     priors=parts.priors)
         validations = {"raw": evaluate(prepared.model, prepared.val_loader, parts.loss_fn, accelerator)}
         if parts.ema is not None:
             validations["ema"] = evaluate(parts.ema.module, prepared.val_loader, parts.loss_fn, accelerator)

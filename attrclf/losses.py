@@ -6,8 +6,9 @@ weighted mean over them instead, sum(weight * loss) / sum(weight) (the pseudo-la
 less than the known labels, which weigh 1). pos_weight (A,) multiplies the positive term of each attribute in every
 loss. ASL and focal loss already rebalance easy negatives, so with them you may want `--pos-weight-cap 1` (every
 pos_weight 1). The NA policy decides, for training batches only, whether NA stays out of the loss ("ignore"), counts
-as a negative ("negative", `apply_na_policy`), or is pseudo-labelled where the model is confident ("pseudo",
-`PseudoLabeller`, after the forward pass).
+as a negative ("negative", `apply_na_policy`), is pseudo-labelled where the model is confident ("pseudo",
+`PseudoLabeller`, after the forward pass), or counts as a down-weighted negative where the attribute is rare and the
+model does not find it likely ("selective", `SelectiveNegatives`, after the forward pass).
 """
 
 from dataclasses import dataclass
@@ -18,17 +19,19 @@ from torch import nn
 
 from .errors import AttrclfError
 
-# what training does with NA: leave it out of the loss, call it 0, or pseudo-label the confident ones
-NA_POLICIES = ("ignore", "negative", "pseudo")
+# what training does with NA: leave it out of the loss, call it 0, pseudo-label the confident ones, or call it a
+# weighted 0 where the attribute is rare and the model finds it unlikely
+NA_POLICIES = ("ignore", "negative", "pseudo", "selective")
 
 
 def apply_na_policy(targets: torch.Tensor, mask: torch.Tensor, policy: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Training targets and mask under --na-policy: "ignore" leaves NA out of the loss; "negative" counts it as 0;
-    "pseudo" leaves it out here, as "ignore" does (its pseudo-labels need the model's output: see PseudoLabeller).
+    "pseudo" and "selective" leave it out here, as "ignore" does (their labels need the model's output: see
+    PseudoLabeller and SelectiveNegatives).
 
     Only training batches go through this: validation metrics and threshold tuning always skip NA.
     """
-    if policy in ("ignore", "pseudo"):
+    if policy in ("ignore", "pseudo", "selective"):
         return targets, mask
     if policy == "negative":
         return torch.where(mask, targets, torch.zeros_like(targets)), torch.ones_like(mask)
@@ -221,6 +224,54 @@ class PseudoLabeller:
         self.positives += int(positive.sum())
         self.negatives += int(negative.sum())
         return targets, mask | pseudo, weight
+
+
+# ---------------------------------------------------------------- --na-policy selective
+
+
+@dataclass
+class SelectiveNegatives:
+    """Selective negatives for NA entries, after CSL (Ben-Baruch et al., CVPR 2022, "Multi-label Classification with
+    Partial Annotations using Class-aware Selective Loss"): an un-annotated label is most often absent, so calling it
+    a negative adds real information, except where it is likely present. Two signals say "likely present": the
+    attribute's prior (its positive share among the known labels of the training split) and the label's likelihood
+    (the model's own detached probability in this step).
+
+    In a training step, an NA entry of attribute a becomes a negative with loss weight `weight` when
+    prior[a] <= `max_prior` and its probability is below `likely`; every other NA entry stays out of the loss. With
+    pos_weight (negatives / positives of the known labels) the probabilities are balanced around 0.5, so `likely`
+    0.5 ignores what the model would itself call present. Known entries never change; training batches only.
+
+    Attributes:
+        priors: (A,) positive share of the known training labels per attribute.
+        max_prior: Attributes with a larger prior keep their NA entries out of the loss.
+        likely: Probability at or above which an NA entry is left out as likely present.
+        weight: Loss weight of a selective negative (a known label weighs 1).
+        negatives: Selective negatives made so far (this process).
+        ignored: NA entries left out so far (this process).
+    """
+
+    priors: torch.Tensor
+    max_prior: float
+    likely: float
+    weight: float
+    negatives: int = 0
+    ignored: int = 0
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor,
+                 mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, A) logits, targets and bool mask -> targets, mask and per-entry weight with the selective negatives.
+
+        The logits are detached (the choice is a target, not a path for gradients); a NaN probability stays NA.
+        """
+        probs = torch.sigmoid(logits.detach().float())
+        rare = (self.priors.to(probs.device) <= self.max_prior).unsqueeze(0)
+        negative = ~mask & rare & (probs < self.likely)
+        targets = torch.where(negative, torch.zeros_like(targets), targets)
+        weight = torch.where(negative, torch.full_like(probs, self.weight), torch.ones_like(probs))
+        self.negatives += int(negative.sum())
+        self.ignored += int((~mask).sum()) - int(negative.sum())
+        return targets, mask | negative, weight
 
 
 LOSSES = {"bce": MaskedBCEWithLogits, "asl": AsymmetricLoss, "focal": FocalLoss}

@@ -260,6 +260,7 @@ class AttrClassifier(
         super().__init__()
         self.config = config
         self.frozen_bn_stats = False  # a training setting (--freeze-bn-stats), never saved: see `train`
+        self.warm_bn_stages: int | str = 0  # a training setting (--warm-bn-stats), never saved: see `train`
         self.backbone = create_backbone(config.backbone, pretrained=pretrained, weights_file=backbone_weights)
         self.head = create_head(config, self.backbone)
 
@@ -289,12 +290,7 @@ class AttrClassifier(
 
     def set_trainable(self, unfreeze_stages: int | str) -> None:
         """Head always trains; the backbone trains its last `unfreeze_stages` stages (0: none, "all": every one)."""
-        stages = self.backbone_stages()
-        if unfreeze_stages == ALL_STAGES:
-            n = len(stages)
-        else:
-            n = max(0, min(int(unfreeze_stages), len(stages)))
-        trainable = {name for names in stages[len(stages) - n :] for name in names}
+        trainable = self._stage_parameter_names(unfreeze_stages)
         for name, param in self.backbone.named_parameters():
             param.requires_grad_(name in trainable)
         for param in self.head.parameters():
@@ -304,7 +300,10 @@ class AttrClassifier(
     def train(self, mode: bool = True):
         """Like nn.Module.train, but BatchNorm layers whose parameters are all frozen stay in eval mode.
 
-        A frozen stage must not drift: in train mode its running statistics would still change.
+        A frozen stage must not drift: in train mode its running statistics would still change. Two training
+        settings change that: `frozen_bn_stats` (--freeze-bn-stats) puts every BatchNorm in eval mode, and
+        `warm_bn_stages` (--warm-bn-stats) lets the BatchNorms of the last stages, frozen or not, follow the data's
+        statistics (the stages fine-tuning will unfreeze, so the switch does not move the statistics under the head).
         """
         super().train(mode)
         if mode and self.frozen_bn_stats:  # --freeze-bn-stats: every BatchNorm normalises with its running statistics
@@ -312,12 +311,19 @@ class AttrClassifier(
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
         if mode:
-            for module in self.backbone.modules():
+            warm = self._stage_parameter_names(self.warm_bn_stages) if not self.frozen_bn_stats else set()
+            for name, module in self.backbone.named_modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     params = list(module.parameters(recurse=False))
-                    if params and not any(p.requires_grad for p in params):
+                    if params and not any(p.requires_grad for p in params) and f"{name}.weight" not in warm:
                         module.eval()
         return self
+
+    def _stage_parameter_names(self, stages: int | str) -> set[str]:
+        """Names of the backbone parameters in its last `stages` stages (0: none, "all": every one)."""
+        groups = self.backbone_stages()
+        n = len(groups) if stages == ALL_STAGES else max(0, min(int(stages), len(groups)))
+        return {name for names in groups[len(groups) - n:] for name in names}
 
     # ---- saving: attrclf's card, never the mixin's generic one ----
 

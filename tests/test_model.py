@@ -133,6 +133,23 @@ def test_head_stage_trains_only_the_head(tiny_model_factory):
     assert not torch.equal(before_head["2.weight"], snapshot(model.head)["2.weight"])
 
 
+def test_warm_bn_stats_let_only_the_stages_to_unfreeze_follow_the_data_in_the_head_stage(tiny_model_factory):
+    model = tiny_model_factory()
+    model.warm_bn_stages = 1  # --warm-bn-stats with --unfreeze-stages 1
+    model.set_trainable(0)
+    before = snapshot(model.backbone)
+    one_step(model, TrainConfig(unfreeze_stages="1").resolve())
+    after = snapshot(model.backbone)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    # layer4's running statistics moved, nothing else did: no weight of the frozen backbone changed
+    assert changed and all(k.startswith("layer4.") and "running_" in k or k.endswith("num_batches_tracked")
+                           for k in changed), changed
+    assert any(k.startswith("layer4.") and k.endswith("running_mean") for k in changed)
+    model.frozen_bn_stats = True  # --freeze-bn-stats wins: every statistic stays
+    model.train()
+    assert not any(m.training for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
 def test_finetune_stage_trains_exactly_the_last_stage(tiny_model_factory):
     model = tiny_model_factory()
     model.set_trainable(1)

@@ -12,7 +12,7 @@ from accelerate import Accelerator
 
 from attrclf import engine
 from attrclf.config import TrainConfig, parse_args
-from attrclf.engine import build_model, evaluate, fit, pseudo_labeller
+from attrclf.engine import build_model, evaluate, fit, na_labeller
 from attrclf.errors import AttrclfError
 from attrclf.labels import label_counts, training_counts
 from attrclf.loader import make_loader
@@ -87,12 +87,12 @@ def test_pseudo_labels_carry_no_gradient_of_their_own_and_nan_stays_na():
 
 def test_the_labeller_acts_only_from_the_first_fine_tuning_epoch():
     cfg = TrainConfig(data="x", backbone_weights="w", na_policy="pseudo", head_epochs=2, epochs=6).resolve()
-    assert pseudo_labeller(cfg, 0) is None and pseudo_labeller(cfg, 1) is None  # the head stage
-    assert (pseudo_labeller(cfg, 2).low, pseudo_labeller(cfg, 2).high) == pytest.approx((0.0125, 0.9875))
-    assert (pseudo_labeller(cfg, 5).low, pseudo_labeller(cfg, 5).high) == pytest.approx((0.05, 0.95))
-    assert pseudo_labeller(TrainConfig(data="x", backbone_weights="w", head_epochs=2, epochs=6).resolve(), 5) is None
+    assert na_labeller(cfg, 0) is None and na_labeller(cfg, 1) is None  # the head stage
+    assert (na_labeller(cfg, 2).low, na_labeller(cfg, 2).high) == pytest.approx((0.0125, 0.9875))
+    assert (na_labeller(cfg, 5).low, na_labeller(cfg, 5).high) == pytest.approx((0.05, 0.95))
+    assert na_labeller(TrainConfig(data="x", backbone_weights="w", head_epochs=2, epochs=6).resolve(), 5) is None
     head_only = TrainConfig(data="x", backbone_weights="w", na_policy="pseudo", unfreeze_stages="0").resolve()
-    assert pseudo_labeller(head_only, 5) is None
+    assert na_labeller(head_only, 5) is None
 
 
 def test_pseudo_policy_keeps_na_out_of_the_batch_and_pos_weight_counts_known_labels_only():
@@ -164,23 +164,24 @@ def run(tiny_data, output_dir, monkeypatch, **changes):
     """A tiny run (a head epoch on cached features, then 2 fine-tuning epochs); returns what it made and left."""
     labellers = []
 
-    def spy(cfg, epoch):
-        labeller = real(cfg, epoch)
+    def spy(*args, **kwargs):
+        labeller = real(*args, **kwargs)
         labellers.append(labeller)
         return labeller
 
-    real = engine.pseudo_labeller
-    monkeypatch.setattr(engine, "pseudo_labeller", spy)
+    real = engine.na_labeller
+    monkeypatch.setattr(engine, "na_labeller", spy)
     data = tiny_split(tiny_data)
+    changes = {"head_feature_cache": True, **changes}
     cfg = tiny_config(tiny_data, output_dir, epochs=3, head_epochs=1, unfreeze_stages="all", keep_checkpoints=0,
-                      head_feature_cache=True, **changes)
+                      **changes)
     torch.manual_seed(0)
     model = build_model(cfg, data.label_names)
     accelerator = Accelerator(cpu=True)
     result = fit(model, data, cfg, accelerator)
     metrics = finalize(model, result, data, cfg)
     write_outputs(model, metrics, result, cfg=cfg, output_dir=Path(output_dir))
-    monkeypatch.setattr(engine, "pseudo_labeller", real)
+    monkeypatch.setattr(engine, "na_labeller", real)
     return data, model, result, metrics, labellers
 
 

@@ -112,3 +112,12 @@ def test_fast_eval_transform_supports_center_crops_of_known_filters(config):
 
 def test_predict_uses_the_transforms_module():
     assert predict.FastEvalTransform is FastEvalTransform and predict.eval_transform is eval_transform
+
+
+def test_the_geometry_flag_reaches_the_model_config():
+    from attrclf.engine import build_model
+
+    from .conftest import tiny_config
+    for geometry, crop_mode in (("crop", "center"), ("whole", "squash")):
+        cfg = tiny_config("unused", "unused", geometry=geometry)
+        assert build_model(cfg, ["a"]).config.crop_mode == crop_mode, geometry
