@@ -77,7 +77,7 @@ class CacheLayout:
         size = (self.width, self.height)
         if image.size != size:
             image = image.resize(size, PIL_FILTERS[self.interpolation])
-        return np.asarray(image, dtype=np.uint8)
+        return np.array(image, dtype=np.uint8)  # a writable copy (torch.from_numpy of it warns otherwise)
 
     def name(self) -> str:
         return f"{self.height}x{self.width}-{self.interpolation}"
