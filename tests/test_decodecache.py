@@ -129,6 +129,7 @@ def training_history(tiny_data, out, **changes):
     return json.loads((out / "history.json").read_text())
 
 
+@pytest.mark.slow  # three tiny training runs, about 40 s on 2 loaded cores
 def test_training_with_the_cache_equals_training_without(tmp_path, tiny_data, capsys):
     """Augmentation off, the same data order: the cached rows are the pixels the decode + resize gives, so the losses
     match; the device path too (its eval rows are the cache's, its training rows normalised on the device)."""
