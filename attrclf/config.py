@@ -167,6 +167,16 @@ class TrainConfig:
     license: str = _opt("license in the model card (check your data's and the backbone weights' terms)",
                         "apache-2.0")
     dataset_id: str | None = _opt("Hub dataset id named in the model card; when unset, --data if it is one")
+    # data path at scale (attrclf.decodecache, attrclf.device_augment)
+    decode_cache: bool = _opt("decode each image once into a uint8 cache at the working size (numpy memmap shards) "
+                              "and read it in every epoch, run, fold and process; --no-decode-cache decodes every "
+                              "image in every epoch", True)
+    cache_dir: str | None = _opt("folder of the decoded-image cache (default: $ATTRCLF_CACHE/decoded, else "
+                                 "~/.cache/attrclf/decoded)")
+    augment_on: str = _opt("where training augmentation runs: 'device' augments whole uint8 batches on the training "
+                           "device (GPU, else CPU), 'loader' runs timm's per-image transforms in the loader workers; "
+                           "'auto': device on a GPU, loader on a CPU (benchmarks/README.md)", "auto",
+                           choices=["auto", "device", "loader"])
 
     def resolve(self) -> "TrainConfig":
         """A copy with every automatic default decided and the values checked."""

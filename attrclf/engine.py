@@ -26,6 +26,7 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .config import TrainConfig
+from .decodecache import augment_on, data_path, decode_cache
 from .ema import make_ema, update_ema
 from .headcache import CachedHeadStage, uses_feature_cache
 from .labels import compute_pos_weight, label_counts, training_counts
@@ -52,7 +53,8 @@ def load_training_data(cfg: TrainConfig, accelerator: Accelerator) -> AttrData:
         )
     return prepare_data(data, images=cfg.images, labels=cfg.labels, label_columns=cfg.label_columns,
                         group_column=cfg.group_column, header=cfg.header, labels_encoding=cfg.labels_encoding,
-                        val_fraction=cfg.val_fraction, seed=cfg.seed)
+                        val_fraction=cfg.val_fraction, seed=cfg.seed,
+                        decode_cache=decode_cache(cfg, accelerator))
 
 
 def build_model(cfg: TrainConfig, label_names: list[str]) -> AttrClassifier:
@@ -73,11 +75,14 @@ def build_model(cfg: TrainConfig, label_names: list[str]) -> AttrClassifier:
                           backbone_weights=cfg.backbone_weights)
 
 
-def training_batch(cfg: TrainConfig):
-    """(pixels, targets, mask) -> the same after --na-policy, then --mixup / --cutmix: training batches only."""
+def training_batch(cfg: TrainConfig, augment=None):
+    """(pixels, targets, mask[, sizes]) -> the batch after the device augmentation (attrclf.device_augment, when it
+    runs there), --na-policy, then --mixup / --cutmix: training batches only."""
     mixer = BatchMixer(cfg.mixup, cfg.cutmix) if cfg.mixup or cfg.cutmix else None
 
-    def prepare(pixel_values, targets, mask):
+    def prepare(pixel_values, targets, mask, *sizes):
+        if augment is not None:
+            pixel_values = augment(pixel_values, *sizes)
         targets, mask = apply_na_policy(targets, mask, cfg.na_policy)
         return mixer(pixel_values, targets, mask) if mixer else (pixel_values, targets, mask)
 
@@ -120,18 +125,20 @@ def report_na_labels(labeller: PseudoLabeller | SelectiveNegatives, accelerator:
 
 
 def train_one_epoch(model, loader, optimizer, loss_fn, *, accelerator: Accelerator, state: RunState,
-                    cfg: TrainConfig, epoch: int, ema=None, priors: torch.Tensor | None = None) -> float:
+                    cfg: TrainConfig, epoch: int, ema=None, priors: torch.Tensor | None = None,
+                    augment=None) -> float:
     """One pass over the training loader; appends per-iteration losses to state.history and folds each step into
     the weight average `ema` (attrclf.ema) when there is one; `priors` (A,) are the known training labels' positive
-    shares, which --na-policy selective needs. Returns the mean loss."""
+    shares, which --na-policy selective needs; `augment` augments uint8 batches on the device. Returns the mean
+    loss."""
     model.train()
-    prepare = training_batch(cfg)
+    prepare = training_batch(cfg, augment)
     pseudo = na_labeller(cfg, epoch, priors)
     steps_per_epoch = len(loader)
     total, count = 0.0, 0
     bar = progress(loader, accelerator, f"epoch {epoch + 1}/{cfg.epochs} [{stage_at(epoch, cfg)}]")
-    for pixel_values, targets, mask in bar:
-        pixel_values, targets, mask = prepare(pixel_values, targets, mask)
+    for batch in bar:
+        pixel_values, targets, mask = prepare(*batch)
         set_lrs(optimizer, cfg, lr_factor(state.step, steps_per_epoch, cfg))
         logits = model(pixel_values)
         weight = None
@@ -187,6 +194,7 @@ class TrainingParts:
     head_stage: CachedHeadStage | None = None
     ema: torch.nn.Module | None = None  # timm ModelEmaV3: the moving average of the weights (attrclf.ema)
     priors: torch.Tensor | None = None  # (A,) positive share of the known training labels (--na-policy selective)
+    device_augment: object = None  # device_augment.DeviceAugment under --augment-on device
 
 
 @dataclass
@@ -213,12 +221,17 @@ def setup_training(model: AttrClassifier, data: AttrData, cfg: TrainConfig, acce
                       if cfg.balanced_sampler else None)
     train_failures = DecodeFailures(data.train["image_name"])
     val_failures = DecodeFailures(data.validation["image_name"])
-    augment = train_transform(model.config, crop_scale=cfg.crop_scale, hflip=cfg.hflip, color_jitter=cfg.color_jitter,
-                              random_erasing=cfg.random_erasing)
+    options = dict(crop_scale=cfg.crop_scale, hflip=cfg.hflip, color_jitter=cfg.color_jitter,
+                   random_erasing=cfg.random_erasing)
+    augment, evaluation = train_transform(model.config, **options), eval_transform(model.config)
+    path = data_path(model.config, data.decoded, augment_on=augment_on(cfg, accelerator), train_transform=augment,
+                     eval_transform=evaluation, augment_options=options, channels_last=cfg.channels_last,
+                     failures=train_failures)
     train_loader = make_loader(data.train, augment, cfg.batch_size, True, num_workers=cfg.num_workers, seed=cfg.seed,
-                               sample_weights=sample_weights, failures=train_failures, channels_last=cfg.channels_last)
-    val_loader = make_loader(data.validation, eval_transform(model.config), cfg.batch_size, False,
-                             num_workers=cfg.num_workers, failures=val_failures, channels_last=cfg.channels_last)
+                               sample_weights=sample_weights, failures=train_failures,
+                               channels_last=cfg.channels_last and path.augment is None, rows=path.train_rows)
+    val_loader = make_loader(data.validation, evaluation, cfg.batch_size, False, num_workers=cfg.num_workers,
+                             failures=val_failures, channels_last=cfg.channels_last, rows=path.val_rows)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)  # in place: the optimizer's parameters stay the same objects
     model.frozen_bn_stats = cfg.freeze_bn_stats
@@ -226,7 +239,7 @@ def setup_training(model: AttrClassifier, data: AttrData, cfg: TrainConfig, acce
     head_stage = CachedHeadStage(data, cfg) if uses_feature_cache(cfg) else None
     return TrainingParts(model, loss_fn, make_optimizer(model, cfg), train_loader, val_loader,
                          train_failures=train_failures, val_failures=val_failures, pos_weight=pos_weight,
-                         head_stage=head_stage, ema=make_ema(model, cfg),
+                         head_stage=head_stage, ema=make_ema(model, cfg), device_augment=path.augment,
                          priors=known_priors(data.train["labels"], num_labels))
 
 
@@ -307,7 +320,7 @@ def run_epoch(prepared: Prepared, parts: TrainingParts, cfg: TrainConfig, accele
     else:
         train_loss = train_one_epoch(prepared.model, prepared.train_loader, prepared.optimizer, parts.loss_fn,
                                      accelerator=accelerator, state=run, cfg=cfg, epoch=epoch, ema=parts.ema,
-                                     priors=parts.priors)
+                                     priors=parts.priors, augment=parts.device_augment)
         validations = {"raw": evaluate(prepared.model, prepared.val_loader, parts.loss_fn, accelerator)}
         if parts.ema is not None:
             validations["ema"] = evaluate(parts.ema.module, prepared.val_loader, parts.loss_fn, accelerator)

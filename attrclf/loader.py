@@ -86,6 +86,8 @@ def collate(items: list[dict], *, keep_failed: bool = False,
     labels = [item["labels"] for item in items]
     mask = torch.tensor([[v is not None for v in row] for row in labels], dtype=torch.bool)
     targets = torch.tensor([[float(v or 0) for v in row] for row in labels], dtype=torch.float32)
+    if "original_size" in items[0]:  # uint8 rows for attrclf.device_augment, with each image's (width, height)
+        return pixel_values, targets, mask, torch.tensor([item["original_size"] for item in items])
     return pixel_values, targets, mask
 
 
@@ -100,6 +102,7 @@ def make_loader(
     sample_weights: list[float] | None = None,
     failures: DecodeFailures | None = None,
     channels_last: bool = False,
+    rows=None,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader of `collate` batches; training loaders drop a ragged last batch (BatchNorm needs >= 2).
 
@@ -111,6 +114,7 @@ def make_loader(
     Evaluation loaders (no shuffle) keep images that fail to decode as NA placeholders (see `collate`). Workers are
     started afresh each epoch (not persistent) so that their random streams come from the loader's generator, which
     training re-seeds every epoch: a resumed epoch draws the same augmentations as an uninterrupted one.
+    `rows` replaces the per-row decode + `transform` (attrclf.decodecache: cached rows, uint8 rows for the device).
     """
     drop_last = shuffle and len(ds) > batch_size
     generator = torch.Generator().manual_seed(seed)
@@ -118,7 +122,7 @@ def make_loader(
     if sample_weights is not None:
         sampler = torch.utils.data.WeightedRandomSampler(sample_weights, len(ds), replacement=True, generator=generator)
     return torch.utils.data.DataLoader(
-        ds.with_transform(BatchTransform(transform, failures)),
+        ds.with_transform(rows or BatchTransform(transform, failures)),
         batch_size=batch_size,
         shuffle=shuffle and sampler is None,
         sampler=sampler,

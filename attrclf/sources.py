@@ -80,6 +80,7 @@ class AttrData:
     split: str
     skipped: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    decoded: object = None  # decodecache.DecodedImages when the rows carry a `cache_row` into the decoded cache
 
 
 def check_images_dir(images_dir: Path) -> None:
@@ -353,18 +354,23 @@ def prepare_data(
     labels_encoding: str | None = None,
     val_fraction: float = 0.2,
     seed: int = 42,
+    decode_cache=None,
 ) -> AttrData:
     """Load (`load_source`, same arguments), drop unreadable images, split; everything training needs to start.
 
     Args:
         val_fraction: Share of the images (whole groups) that validate, when the source has no validation split.
         seed: Seed of that split.
+        decode_cache: A `decodecache.DecodeCache`: it finds the unreadable images while it builds (or from its index
+            when reused: nothing is decoded) in place of `drop_unreadable`.
     """
     source = load_source(data, images, labels, label_columns, group_column=group_column, header=header,
                          labels_encoding=labels_encoding)
     splits, label_names = dict(source.splits), source.label_names
-    skipped = []
-    for name in list(splits):
+    skipped, decoded = [], None
+    if decode_cache is not None:
+        splits, skipped, decoded = decode_cache.attach(splits, label_names)
+    for name in list(splits) if decode_cache is None else []:
         splits[name], bad = drop_unreadable(splits[name])
         skipped += bad
     if "train" not in splits or len(splits["train"]) == 0:
@@ -379,4 +385,4 @@ def prepare_data(
         raise AttrclfError(f"{source.description}: need at least 2 training images, found {len(train)}")
     # An attribute without known labels is reported once, by compute_pos_weight, from the split each run trains on
     # (each fold's, under --folds): a second warning here printed it twice.
-    return AttrData(train, validation, label_names, source.description, split, skipped)
+    return AttrData(train, validation, label_names, source.description, split, skipped, [], decoded)
