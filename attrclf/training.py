@@ -16,6 +16,7 @@ from .engine import load_training_data, train_and_save
 from .errors import run_cli
 from .hardware import configure_threads, resolve_mixed_precision
 from .hub import check_can_push, push_model
+from .preemption import stop_on_signals
 
 
 def training_function(cfg: TrainConfig) -> dict:
@@ -44,7 +45,9 @@ def training_function(cfg: TrainConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the flags and train; an AttrclfError propagates (run_cli turns it into one line and exit code 2)."""
-    training_function(parse_args(argv).resolve())
+    cfg = parse_args(argv).resolve()
+    with stop_on_signals(cfg.output_dir):  # SIGTERM / SIGINT: stop at a step boundary with a checkpoint
+        training_function(cfg)
     return 0
 
 
