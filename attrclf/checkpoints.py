@@ -30,6 +30,7 @@ from accelerate.utils import broadcast_object_list
 from .config import LATEST, TrainConfig
 from .errors import AttrclfError
 from .fileio import atomic_folder
+from .outputs import writing
 from .state import BestEpoch, RunState
 
 CHECKPOINTS = "checkpoints"  # OUTPUT/checkpoints/epoch_NNNN
@@ -105,7 +106,7 @@ def save_checkpoint(accelerator: Accelerator, run: RunState, best: BestEpoch | N
     root = checkpoint_root(cfg.output_dir)
     final = root / checkpoint_name(run)  # replaces an older run's checkpoint of that name (resumed from further back)
     main = accelerator.is_main_process
-    with atomic_folder(final) if main else nullcontext() as temporary:
+    with writing(f"checkpoint {final.name}", root), atomic_folder(final) if main else nullcontext() as temporary:
         folder = [str(temporary) if main else None]
         if accelerator.num_processes > 1:
             broadcast_object_list(folder)  # the main process's temporary name, to every process

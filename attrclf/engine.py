@@ -36,6 +36,7 @@ from .loader import DecodeFailures, balanced_sample_weights, make_loader
 from .losses import PseudoLabeller, apply_na_policy, build_loss
 from .model import ALL_STAGES, AttrClassifier, AttrConfig
 from .optim import current_lrs, lr_factor, make_optimizer, set_lrs, stage_at
+from .outputs import check_space, sweep, writing
 from .reporting import finalize, fmt, progress, summary_table, write_outputs
 from .sources import AttrData, prepare_data
 from .splits import data_fingerprint
@@ -388,6 +389,16 @@ def take_decode_failures(parts: TrainingParts, accelerator: Accelerator) -> list
     return sorted(set(gather_object(failed))) if accelerator.num_processes > 1 else sorted(set(failed))
 
 
+def prepare_output_dir(cfg: TrainConfig, model: AttrClassifier, accelerator: Accelerator) -> None:
+    """Before the first step: room on the disk for the model and its checkpoints, and no temporary folders left by
+    an interrupted write (attrclf.outputs)."""
+    check_space(cfg.output_dir, sum(t.numel() for t in model.state_dict().values()), cfg.keep_checkpoints)
+    if accelerator.is_main_process:
+        for stale in sweep(cfg.output_dir):
+            accelerator.print(f"removed {stale}: a temporary folder an interrupted write left behind")
+    accelerator.wait_for_everyone()
+
+
 def train_and_save(cfg: TrainConfig, data: AttrData, accelerator: Accelerator) -> dict:
     """Build, train (or resume), finalize and write one model to cfg.output_dir; returns its metrics.json content."""
     resume_from = resume_point(cfg)
@@ -400,10 +411,12 @@ def train_and_save(cfg: TrainConfig, data: AttrData, accelerator: Accelerator) -
         f"(process(es) x batch {cfg.batch_size}), mixed precision {accelerator.mixed_precision}, "
         f"{torch.get_num_threads()} thread(s) each"
     )
+    prepare_output_dir(cfg, model, accelerator)
     result = fit(model, data, cfg, accelerator, resume_from=resume_from)
     metrics = finalize(model, result, data, cfg)
     if accelerator.is_main_process:
-        written = write_outputs(model, metrics, result, cfg=cfg, output_dir=Path(cfg.output_dir))
+        with writing("the model and reports", cfg.output_dir):
+            written = write_outputs(model, metrics, result, cfg=cfg, output_dir=Path(cfg.output_dir))
         shutil.rmtree(checkpoint_root(cfg.output_dir), ignore_errors=True)  # the run is complete: nothing to resume
         accelerator.print(summary_table(metrics))
         accelerator.print(f"saved to {cfg.output_dir}/: {', '.join(written)}")

@@ -16,11 +16,13 @@ from .engine import load_training_data, train_and_save
 from .errors import run_cli
 from .hardware import configure_threads, resolve_mixed_precision
 from .hub import check_can_push, push_model
+from .outputs import check_writable
 from .preemption import stop_on_signals
 
 
 def training_function(cfg: TrainConfig) -> dict:
     """Train one model (or cfg.folds of them) and push it when asked; returns its metrics.json content."""
+    check_writable(cfg.output_dir)  # a file, read-only, /proc: say so before loading anything
     if cfg.push_to_hub:
         check_can_push(cfg.push_to_hub)  # no token or a bad id: say so now, not after training
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision))
