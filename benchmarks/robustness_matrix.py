@@ -245,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(dir=args.work) as scratch:
         results = run_all(Path(scratch), fast_only=args.fast)
+    for r in results:  # the scratch folder's name changes from run to run
+        r.message, r.kept = r.message.replace(scratch, "TMP"), r.kept.replace(scratch, "TMP")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "robustness.md").write_text(markdown(results))

@@ -66,7 +66,7 @@ def stop_mid_epoch(command, tmp_path, out, *, signum, target="process"):
         time.sleep(0.02)
     time.sleep(0.5)  # inside epoch 2 (45 steps of about 20 ms, more on a loaded machine)
     family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
-    ranks = [p for p in family if "train.py" in " ".join(p.cmdline())]
+    ranks = [p for p in family[1:] if "train.py" in " ".join(p.cmdline())]  # the launcher's children
     sent = time.time()
     if target == "group":
         os.killpg(process.pid, signum)  # what a terminal's Ctrl-C does

@@ -3,9 +3,9 @@ its exit code and no traceback."""
 
 import pytest
 
-pytestmark = pytest.mark.slow  # each case is a fresh `python -m attrclf` (torch import: seconds each)
-
 from benchmarks.robustness_matrix import CASES, run_case
+
+pytestmark = pytest.mark.slow  # each case is a fresh `python -m attrclf` (torch import: seconds each)
 
 FAST = [case for case in CASES if case.fast]
 
