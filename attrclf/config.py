@@ -210,6 +210,8 @@ class TrainConfig:
             raise AttrclfError("--head-epochs must be >= 0 and --early-stop-patience >= 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise AttrclfError("--max-steps must be at least 1")
+        if self.image_size is not None and self.image_size < 8:  # 0 would silently mean the default
+            raise AttrclfError(f"--image-size must be at least 8 pixels (got {self.image_size})")
         if self.mixup < 0 or self.cutmix < 0:
             raise AttrclfError(f"--mixup and --cutmix must be >= 0, 0 = off (got {self.mixup:g}, {self.cutmix:g})")
         if self.na_policy not in NA_POLICIES:

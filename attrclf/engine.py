@@ -15,13 +15,16 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
-from . import demo
+from . import demo, preemption
 from .augment import BatchMixer
 from .checkpoints import (
+    RandomState,
+    Replay,
     checkpoint_root,
     contiguous_state,
     load_ema,
     read_checkpoint,
+    read_replay,
     resume_point,
     save_checkpoint,
 )
@@ -34,6 +37,7 @@ from .loader import DecodeFailures, balanced_sample_weights, make_loader
 from .losses import PseudoLabeller, SelectiveNegatives, apply_na_policy, build_loss
 from .model import ALL_STAGES, AttrClassifier, AttrConfig
 from .optim import current_lrs, lr_factor, make_optimizer, set_lrs, stage_at
+from .outputs import check_space, sweep, writing
 from .reporting import finalize, fmt, progress, summary_table, write_outputs
 from .sources import AttrData, prepare_data
 from .splits import data_fingerprint
@@ -126,18 +130,22 @@ def report_na_labels(labeller: PseudoLabeller | SelectiveNegatives, accelerator:
 
 def train_one_epoch(model, loader, optimizer, loss_fn, *, accelerator: Accelerator, state: RunState,
                     cfg: TrainConfig, epoch: int, ema=None, priors: torch.Tensor | None = None,
-                    augment=None) -> float:
+                    augment=None, replay: Replay | None = None) -> float:
     """One pass over the training loader; appends per-iteration losses to state.history and folds each step into
     the weight average `ema` (attrclf.ema) when there is one; `priors` (A,) are the known training labels' positive
     shares, which --na-policy selective needs; `augment` augments uint8 batches on the device. Returns the mean
-    loss."""
+    loss. `replay` skips the steps a mid-epoch checkpoint had trained; a stop signal ends it at a step boundary
+    (attrclf.preemption)."""
     model.train()
     prepare = training_batch(cfg, augment)
     pseudo = na_labeller(cfg, epoch, priors)
     steps_per_epoch = len(loader)
-    total, count = 0.0, 0
+    done = [loss for loss, e in zip(state.history.iterations.loss, state.history.iterations.epoch, strict=True)
+            if e == epoch + 1]  # trained before a mid-epoch checkpoint
+    total, count = sum(done), len(done)
     bar = progress(loader, accelerator, f"epoch {epoch + 1}/{cfg.epochs} [{stage_at(epoch, cfg)}]")
-    for batch in bar:
+    before_fetch = RandomState.capture()  # what a mid-epoch checkpoint needs to draw the same next batch (Replay)
+    for batch in (replay.skip(bar) if replay else bar):
         pixel_values, targets, mask = prepare(*batch)
         set_lrs(optimizer, cfg, lr_factor(state.step, steps_per_epoch, cfg))
         logits = model(pixel_values)
@@ -156,6 +164,8 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, accelerator: Accelerat
         bar.set_postfix(loss=f"{value:.4f}", refresh=False)
         if cfg.max_steps and state.step >= cfg.max_steps:
             break
+        preemption.check(accelerator, before_fetch)
+        before_fetch = RandomState.capture()
     if pseudo is not None:
         report_na_labels(pseudo, accelerator)
     return total / max(count, 1)
@@ -167,6 +177,7 @@ def evaluate(model, loader, loss_fn, accelerator: Accelerator) -> ValidationResu
     model.eval()
     all_logits, all_targets, all_masks = [], [], []
     for pixel_values, targets, mask in progress(loader, accelerator, "validate"):
+        preemption.check(accelerator)  # a stop signal: the checkpoint resumes with this validation
         with accelerator.autocast():  # a prepared model has it already; the weight average (attrclf.ema) has not
             logits = model(pixel_values)
         logits, targets, mask = accelerator.gather_for_metrics((logits.float(), targets, mask))
@@ -285,22 +296,32 @@ def fit(model: AttrClassifier, data: AttrData, cfg: TrainConfig, accelerator: Ac
     if resume_from is not None:
         run, best = read_checkpoint(resume_from, fingerprint, cfg, accelerator)
     prepared = prepare_stage(accelerator, parts, cfg, stage_at(run.epoch, cfg))
+    replay = None
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         load_ema(resume_from, parts.ema)
+        replay = read_replay(resume_from, run, accelerator)
         accelerator.print(f"resumed from {resume_from}: {run.epoch} epoch(s) and {run.step} step(s) done")
-    while run.epoch < cfg.epochs and run.stop is None:
-        stage = stage_at(run.epoch, cfg)
-        if run.epoch > 0 and stage != stage_at(run.epoch - 1, cfg):
-            run.since_best = 0  # the new stage gets its own patience
-            what = "the whole backbone" if cfg.unfreeze == ALL_STAGES else f"the last {cfg.unfreeze} backbone stage(s)"
-            accelerator.print(f"stage 2: unfreezing {what} at lr {cfg.lr_finetune:g}")
-        if stage != prepared.stage:
-            prepared = prepare_stage(accelerator, parts, cfg, stage, prepared=prepared)
-        seed_epoch(cfg, run.epoch, accelerator, parts)
-        best = run_epoch(prepared, parts, cfg, accelerator, run=run, best=best)
-        if cfg.keep_checkpoints:
-            save_checkpoint(accelerator, run, best, fingerprint=fingerprint, cfg=cfg, ema=parts.ema)
+    with preemption.training_loop(cfg.output_dir):
+        try:
+            while run.epoch < cfg.epochs and run.stop is None:
+                stage = stage_at(run.epoch, cfg)
+                if run.epoch > 0 and stage != stage_at(run.epoch - 1, cfg):
+                    run.since_best = 0  # the new stage gets its own patience
+                    what = ("the whole backbone" if cfg.unfreeze == ALL_STAGES
+                            else f"the last {cfg.unfreeze} backbone stage(s)")
+                    accelerator.print(f"stage 2: unfreezing {what} at lr {cfg.lr_finetune:g}")
+                if stage != prepared.stage:
+                    prepared = prepare_stage(accelerator, parts, cfg, stage, prepared=prepared)
+                seed_epoch(cfg, run.epoch, accelerator, parts)
+                best = run_epoch(prepared, parts, cfg, accelerator, run=run, best=best, replay=replay)
+                replay, checkpoint = None, None
+                if cfg.keep_checkpoints:
+                    checkpoint = save_checkpoint(accelerator, run, best, fingerprint=fingerprint, cfg=cfg,
+                                                 ema=parts.ema)
+                preemption.check(accelerator, checkpoint=checkpoint)
+        except preemption.StopRequested as request:  # every process stops at this step
+            raise stop_here(request, accelerator, run, best, cfg=cfg, fingerprint=fingerprint, ema=parts.ema) from None
     accelerator.unwrap_model(prepared.model).to(memory_format=torch.contiguous_format)  # safetensors saves contiguous
     run.history.best_epoch = best.epoch
     return FitResult(run.history, best, epochs_run=run.epoch, stopped_early=run.stop == "early_stopping",
@@ -309,8 +330,21 @@ def fit(model: AttrClassifier, data: AttrData, cfg: TrainConfig, accelerator: Ac
                      resumed_from=str(resume_from) if resume_from else None)
 
 
+def stop_here(request: preemption.StopRequested, accelerator: Accelerator, run: RunState, best: BestEpoch | None, *,
+              cfg: TrainConfig, fingerprint: str, ema=None) -> Exception:
+    """Checkpoint the step a stop signal ended training at (unless the epoch's checkpoint was just written, or there
+    are none: --keep-checkpoints 0); returns the `Stopped` that ends the command with one line."""
+    checkpoint = request.checkpoint
+    if checkpoint is None and cfg.keep_checkpoints:
+        checkpoint = save_checkpoint(accelerator, run, best, fingerprint=fingerprint, cfg=cfg, ema=ema,
+                                     before_fetch=request.before_fetch)
+    epoch = run.epoch + (1 if run.steps_into_epoch() else 0)
+    return preemption.stopped(request, epoch=epoch, step=run.step, checkpoint=checkpoint, output_dir=cfg.output_dir,
+                              main=accelerator.is_main_process)
+
+
 def run_epoch(prepared: Prepared, parts: TrainingParts, cfg: TrainConfig, accelerator: Accelerator, *,
-              run: RunState, best: BestEpoch | None) -> BestEpoch:
+              run: RunState, best: BestEpoch | None, replay: Replay | None = None) -> BestEpoch:
     """Train one epoch, validate (loss and mAP), record it, update early stopping; returns the best epoch so far."""
     epoch, start = run.epoch, time.time()
     if parts.head_stage is not None and prepared.stage == "head":
@@ -320,7 +354,7 @@ def run_epoch(prepared: Prepared, parts: TrainingParts, cfg: TrainConfig, accele
     else:
         train_loss = train_one_epoch(prepared.model, prepared.train_loader, prepared.optimizer, parts.loss_fn,
                                      accelerator=accelerator, state=run, cfg=cfg, epoch=epoch, ema=parts.ema,
-                                     priors=parts.priors, augment=parts.device_augment)
+                                     priors=parts.priors, augment=parts.device_augment, replay=replay)
         validations = {"raw": evaluate(prepared.model, prepared.val_loader, parts.loss_fn, accelerator)}
         if parts.ema is not None:
             validations["ema"] = evaluate(parts.ema.module, prepared.val_loader, parts.loss_fn, accelerator)
@@ -391,6 +425,16 @@ def take_decode_failures(parts: TrainingParts, accelerator: Accelerator) -> list
     return sorted(set(gather_object(failed))) if accelerator.num_processes > 1 else sorted(set(failed))
 
 
+def prepare_output_dir(cfg: TrainConfig, model: AttrClassifier, accelerator: Accelerator) -> None:
+    """Before the first step: room on the disk for the model and its checkpoints, and no temporary folders left by
+    an interrupted write (attrclf.outputs)."""
+    check_space(cfg.output_dir, sum(t.numel() for t in model.state_dict().values()), cfg.keep_checkpoints)
+    if accelerator.is_main_process:
+        for stale in sweep(cfg.output_dir):
+            accelerator.print(f"removed {stale}: a temporary folder an interrupted write left behind")
+    accelerator.wait_for_everyone()
+
+
 def train_and_save(cfg: TrainConfig, data: AttrData, accelerator: Accelerator) -> dict:
     """Build, train (or resume), finalize and write one model to cfg.output_dir; returns its metrics.json content."""
     resume_from = resume_point(cfg)
@@ -403,10 +447,12 @@ def train_and_save(cfg: TrainConfig, data: AttrData, accelerator: Accelerator) -
         f"(process(es) x batch {cfg.batch_size}), mixed precision {accelerator.mixed_precision}, "
         f"{torch.get_num_threads()} thread(s) each"
     )
+    prepare_output_dir(cfg, model, accelerator)
     result = fit(model, data, cfg, accelerator, resume_from=resume_from)
     metrics = finalize(model, result, data, cfg)
     if accelerator.is_main_process:
-        written = write_outputs(model, metrics, result, cfg=cfg, output_dir=Path(cfg.output_dir))
+        with writing("the model and reports", cfg.output_dir):
+            written = write_outputs(model, metrics, result, cfg=cfg, output_dir=Path(cfg.output_dir))
         shutil.rmtree(checkpoint_root(cfg.output_dir), ignore_errors=True)  # the run is complete: nothing to resume
         accelerator.print(summary_table(metrics))
         accelerator.print(f"saved to {cfg.output_dir}/: {', '.join(written)}")

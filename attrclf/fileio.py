@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -88,12 +89,27 @@ def write_each(folder: str | os.PathLike, fill: Callable[[Path], None], prefix: 
     try:
         fill(staging)
         written = sorted(p.name for p in staging.iterdir())
-        for name in written:
-            public_mode(staging / name, directory=(staging / name).is_dir())
-            os.replace(staging / name, folder / name)
+        with signals_held():  # a stop signal waits for the renames: the folder never mixes two runs' files
+            for name in written:
+                public_mode(staging / name, directory=(staging / name).is_dir())
+                os.replace(staging / name, folder / name)
         return written
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGTERM / SIGINT / SIGHUP (they are delivered at the end) around a few renames that belong together."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def looks_like_path(text: str) -> bool:

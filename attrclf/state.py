@@ -89,6 +89,11 @@ class RunState:
         self.history.iterations.epoch.append(epoch + 1)
         self.history.iterations.loss.append(loss)
 
+    def steps_into_epoch(self) -> int:
+        """Steps already trained of the epoch after the `epoch` done ones: 0 except in a checkpoint written when a
+        signal stopped training inside an epoch (attrclf.preemption)."""
+        return self.history.iterations.epoch.count(self.epoch + 1)
+
     def to_dict(self) -> dict:
         """The loop's part of training_state.json (JSON-ready)."""
         return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "history"},

@@ -16,10 +16,13 @@ from .engine import load_training_data, train_and_save
 from .errors import run_cli
 from .hardware import configure_threads, resolve_mixed_precision
 from .hub import check_can_push, push_model
+from .outputs import check_writable
+from .preemption import stop_on_signals
 
 
 def training_function(cfg: TrainConfig) -> dict:
     """Train one model (or cfg.folds of them) and push it when asked; returns its metrics.json content."""
+    check_writable(cfg.output_dir)  # a file, read-only, /proc: say so before loading anything
     if cfg.push_to_hub:
         check_can_push(cfg.push_to_hub)  # no token or a bad id: say so now, not after training
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision))
@@ -44,7 +47,9 @@ def training_function(cfg: TrainConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the flags and train; an AttrclfError propagates (run_cli turns it into one line and exit code 2)."""
-    training_function(parse_args(argv).resolve())
+    cfg = parse_args(argv).resolve()
+    with stop_on_signals(cfg.output_dir):  # SIGTERM / SIGINT: stop at a step boundary with a checkpoint
+        training_function(cfg)
     return 0
 
 
