@@ -351,17 +351,20 @@ def merge_parts(path: Path, parts: list[Path], kind: str) -> None:
         part.unlink()
 
 
-def distributed_predict(predictor_factory, sources, path: Path, **options) -> Summary | None:
+def distributed_predict(predictor_factory, sources, path: Path, *, show_progress: bool = True,
+                        **options) -> Summary | None:
     """Each rank predicts its contiguous share into a part file; rank 0 merges them. Rank 0 returns the Summary of
     the whole run (every rank's skipped images), the others None."""
     from accelerate import PartialState  # only under a launcher with several processes
 
-    state = PartialState()
+    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
+    state = PartialState(cpu=on_cpu)  # on CPU, gloo (as AcceleratorState decides it)
     rank, size = state.process_index, state.num_processes
     kind = output_kind(path)
     share = Share(sources, len(sources) * rank // size, len(sources) * (rank + 1) // size)
     predictor = predictor_factory(state.device)
-    summary = write_predictions(predictor, share, part_path(path, rank, size), show_progress=state.is_main_process,
+    summary = write_predictions(predictor, share, part_path(path, rank, size),
+                                show_progress=show_progress and state.is_main_process,
                                 description=f"predict (rank 0 of {size})", **options)
     skipped_file = part_path(path, rank, size).with_suffix(".skipped.json")
     skipped_file.write_text(json.dumps({"written": summary.written, "skipped": summary.skipped}))

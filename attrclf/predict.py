@@ -326,7 +326,8 @@ def run_bulk(args, sources) -> int:
     options = dict(threshold=args.threshold, batch_size=args.batch_size, workers=args.workers)
     output = Path(args.output)
     if world()[1] > 1:
-        summary = distributed_predict(lambda device: load_predictor(args, device), sources, output, **options)
+        summary = distributed_predict(lambda device: load_predictor(args, device), sources, output,
+                                      show_progress=not args.no_progress, **options)
         if summary is None:
             return 0
     else:
