@@ -48,7 +48,7 @@ MODEL_FILES = ("model.safetensors", "config.json", "README.md", "metrics.json", 
 REQUIRED_MODEL_FILES = ("model.safetensors", "config.json")
 SPACE_VARIABLE = "ATTRCLF_MODEL"  # app.py serves the model this names (a Hub id or a folder)
 SPACE_SHORT_DESCRIPTION = "Multilabel image attributes (1/0/NA) with attrclf"  # the Hub allows 60 characters
-TEST_TOOLS = {"pytest", "playwright", "ruff", "scikit-learn", "onnx", "onnxruntime", "onnxscript", "coverage"}
+TEST_TOOLS = {"pytest", "playwright", "ruff", "scikit-learn", "onnx", "onnxscript", "coverage"}  # onnxruntime serves
 
 
 # ---------------------------------------------------------------- errors and tokens
