@@ -1,6 +1,9 @@
 """Predictor: load a trained model (folder or Hub id), preprocess images, return per-attribute probabilities.
 
-CLI: python -m attrclf.predict --model outputs IMAGE [IMAGE|DIR ...] [--threshold T] [--format table|csv|json] [--tta]
+CLI: attrclf predict --model outputs IMAGE [IMAGE|DIR ...] [--threshold T] [--format table|csv|json] [--tta]
+     [--backend auto|torch|torch-bf16|onnx|onnx-int8] [--output FILE.csv|.jsonl|.parquet] [--file-list F] [--data D]
+
+What runs the model is a backend (attrclf.backends); many images at once go through attrclf.bulk.
 """
 
 import argparse
