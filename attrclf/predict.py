@@ -293,6 +293,7 @@ def add_backend_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def check_args(args) -> None:
+    resolve_model_id(args.model)  # a wrong model is said first, before the inputs are read
     if args.batch_size < 1:
         raise AttrclfError(f"--batch-size must be at least 1 (got {args.batch_size})")
     if args.workers is not None and args.workers < 0:
