@@ -270,7 +270,7 @@ def weights_digest(path: str | os.PathLike) -> str:
 def check_export_matches(backend: OnnxBackend, config: dict, weights_sha256: str | None) -> None:
     """An ONNX file must come from these weights and this config.json (a model trained again and not exported again
     would otherwise answer with the old weights)."""
-    exported = backend.metadata.get(WEIGHTS_KEY)
+    exported = json.loads(backend.metadata.get(WEIGHTS_KEY, "null"))
     if exported and weights_sha256 and exported != weights_sha256:
         raise AttrclfError(f"'{backend.path.name}' was exported from other weights than this model.safetensors: "
                            f"export it again with `attrclf export MODEL_DIR`")

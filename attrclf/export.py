@@ -49,7 +49,7 @@ def to_onnx(model: AttrClassifier, opset: int = OPSET, weights_sha256: str | Non
         metadata[WEIGHTS_KEY] = weights_sha256
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value if key == WEIGHTS_KEY else json.dumps(value)
+        entry.key, entry.value = key, json.dumps(value)
     proto.doc_string = "attrclf: (batch, C, H, W) preprocessed pixels -> (batch, A) attribute logits"
     return proto
 
