@@ -23,7 +23,7 @@ from . import __version__
 from .errors import AttrclfError, run_cli
 from .fileio import write_each
 from .metrics import average_precision, confusion, f1_summary
-from .predict import Predictor
+from .predict import Predictor, add_backend_argument
 
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -314,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--revision", default=None, help="Hub revision of --model (branch, tag or commit)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_backend_argument(parser)
     return parser
 
 
@@ -321,10 +322,11 @@ def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         raise AttrclfError(f"--batch-size must be at least 1 (got {args.batch_size})")
-    predictor = Predictor.from_pretrained(args.model, revision=args.revision, device=args.device)
+    predictor = Predictor.from_pretrained(args.model, revision=args.revision, device=args.device, backend=args.backend)
     test = read_test_set(args.data, args.split, args.label_columns, labels=args.labels, images=args.images,
                          group_column=args.group_column, header=args.header, labels_encoding=args.labels_encoding)
     result = evaluate(predictor, test, model=args.model, batch_size=args.batch_size)
+    print(f"backend: {predictor.backend_name}")
     print(format_report(result))
     if args.output:
         written = write_outputs(result, args.output)

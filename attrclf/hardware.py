@@ -1,11 +1,20 @@
-"""What the machine offers a run: torch threads per process on CPU, and whether bf16 autocast pays off."""
+"""What the machine offers a run: torch threads per process on CPU, and whether bf16 autocast pays off.
+
+Importable on the serving path (Predictor asks `fast_cpu_bf16`): accelerate and the training config are type hints
+only here.
+"""
+
+from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
-from accelerate import Accelerator
 
-from .config import TrainConfig
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from .config import TrainConfig
 
 
 def configure_threads(cfg: TrainConfig, accelerator: Accelerator) -> int:

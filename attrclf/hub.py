@@ -43,11 +43,12 @@ PACKAGE = Path(__file__).resolve().parent
 ROOT = PACKAGE.parent  # the checkout, when attrclf runs from one
 SPACE_BUNDLE = "_space"  # a wheel's copy of app.py and requirements.txt (pyproject.toml force-includes them)
 # What a model repo holds: the package, the reports and the plots; never checkpoints or staging folders.
-MODEL_FILES = ("model.safetensors", "config.json", "README.md", "metrics.json", "train_config.json", "history.json")
+MODEL_FILES = ("model.safetensors", "config.json", "README.md", "metrics.json", "train_config.json", "history.json",
+               "model.onnx", "model.int8.onnx")  # the ONNX exports (attrclf export) that Predictor's backends run
 REQUIRED_MODEL_FILES = ("model.safetensors", "config.json")
 SPACE_VARIABLE = "ATTRCLF_MODEL"  # app.py serves the model this names (a Hub id or a folder)
 SPACE_SHORT_DESCRIPTION = "Multilabel image attributes (1/0/NA) with attrclf"  # the Hub allows 60 characters
-TEST_TOOLS = {"pytest", "playwright", "ruff", "scikit-learn", "onnx", "onnxruntime", "onnxscript", "coverage"}
+TEST_TOOLS = {"pytest", "playwright", "ruff", "scikit-learn", "onnx", "onnxscript", "coverage"}  # onnxruntime serves
 
 
 # ---------------------------------------------------------------- errors and tokens

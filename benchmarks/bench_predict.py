@@ -1,7 +1,8 @@
 """Inference speed: one image end to end (file -> decode -> preprocess -> model -> thresholds), the model alone,
-batches.
+batches; and with --backends, every Predictor backend side by side with the seed's path (issue 12's table).
 
     python -m benchmarks.bench_predict [--backbone resnet18] [--repeats 50] [--threads N]
+    python -m benchmarks.bench_predict --backends [--bulk-images 1000] [--bulk-workers 2]
 
 Compares attrclf's Predictor (fast eval transform, channels_last, inference mode) with the same model run the seed's way
 (torchvision Resize + ToTensor + Normalize, NCHW, no_grad), on emoji PNGs (64 px, upscaled) and on 1600x1200 JPEGs
@@ -17,8 +18,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from attrclf import AttrClassifier, AttrConfig, Predictor
+from attrclf import AttrClassifier, AttrConfig, Predictor, backends
+from attrclf.bulk import PathSources, write_predictions
+from attrclf.export import export_onnx
 from attrclf.predict import apply_thresholds
+from attrclf.quantize import LabelledImages, quantize
 
 from .common import EMOJI, table, write_result
 from .seed_baseline import seed_transforms
@@ -106,6 +110,63 @@ def measure(args, device, workdir: Path) -> tuple[list, dict]:
     return rows, raw
 
 
+def export_backends(workdir: Path, config: AttrConfig, emoji: list[Path], fmt: str) -> Path:
+    """A random-weights model folder with model.onnx and model.int8.onnx (calibrated on 128 emoji: speed does not
+    depend on the labels, so they are random here; the mAP change is measured on a trained model instead)."""
+    folder = workdir / "exported"
+    AttrClassifier(config).save_pretrained(folder)
+    torch_predictor = Predictor.from_pretrained(str(folder), device="cpu", backend="torch")
+    model = torch_predictor.model.to(memory_format=torch.contiguous_format)
+    export_onnx(model, folder / "model.onnx", weights_sha256=backends.weights_digest(folder / "model.safetensors"))
+    rng = np.random.default_rng(0)
+    labels = [[int(v) for v in rng.integers(0, 2, len(config.label_names))] for _ in emoji[:128]]
+    quantize(Predictor.from_pretrained(str(folder), device="cpu", backend="torch"), folder / "model.onnx",
+             folder / "model.int8.onnx", LabelledImages([str(p) for p in emoji[:128]], labels, "emoji"), fmt)
+    return folder
+
+
+def bulk_rate(fn, paths: list[Path]) -> float:
+    start = time.perf_counter()
+    fn(paths)
+    return len(paths) / (time.perf_counter() - start)
+
+
+def measure_backends(args, device, workdir: Path) -> tuple[list, dict]:
+    """Seed path vs each backend: one image end to end p50, model alone batch 1 p50, bulk img/s; same run."""
+    label_names = [f"attr{i}" for i in range(10)]
+    config = AttrConfig.for_backbone(args.backbone, label_names, image_size=args.image_size)
+    emoji = sorted((args.data_dir / "images").glob("*.png"))
+    folder = export_backends(workdir, config, emoji, args.quant_format)
+    names = [n for n in ("torch", "torch-bf16", "onnx", "onnx-int8") if n != "torch-bf16" or backends.native_bf16(
+        device)]
+    predictors = {n: Predictor.from_pretrained(str(folder), device=str(device), backend=n) for n in names}
+    seed_model = AttrClassifier.from_pretrained(str(folder)).to(device).eval()
+    seed_run = seed_predict(seed_model, seed_transforms(config.input_size[1])[1], device)
+    singles = emoji[: args.repeats]
+    rows, raw = [], {}
+    timed = time_calls([seed_run, *(p.predict for p in predictors.values())], singles)
+    x = torch.randn(1, *config.input_size)
+    alone = time_calls([model_alone(seed_model, config.input_size[1], device, False),
+                        *(lambda _, b=p.backend: b.logits(x) for p in predictors.values())], list(range(args.repeats)))
+    seed_single, seed_alone = percentiles(timed[0])[0], percentiles(alone[0])[0]
+    rows.append(["seed path", f"{seed_single:.1f}", "1.00x", f"{seed_alone:.1f}", "1.00x", "", ""])
+    bulk_paths = (emoji * 2)[: args.bulk_images]
+    seed_rate = bulk_rate(lambda paths: [seed_run(p) for p in paths], bulk_paths[: args.seed_bulk_images])
+    rows[0][5:] = [f"{seed_rate:.1f}", "1.00x"]
+    raw["seed path"] = {"single_p50_ms": seed_single, "model_alone_p50_ms": seed_alone, "bulk_img_s": seed_rate}
+    for (name, predictor), single, model_times in zip(predictors.items(), timed[1:], alone[1:], strict=True):
+        out = workdir / f"bulk-{name}.csv"
+        rate = bulk_rate(lambda paths, p=predictor, o=out: write_predictions(
+            p, PathSources(paths), o, batch_size=args.bulk_batch, workers=args.bulk_workers, show_progress=False),
+            bulk_paths)
+        single_ms, alone_ms = percentiles(single)[0], percentiles(model_times)[0]
+        rows.append([name, f"{single_ms:.1f}", f"{seed_single / single_ms:.2f}x", f"{alone_ms:.1f}",
+                     f"{seed_alone / alone_ms:.2f}x", f"{rate:.1f}", f"{rate / seed_rate:.2f}x"])
+        raw[name] = {"single_p50_ms": single_ms, "model_alone_p50_ms": alone_ms, "bulk_img_s": rate}
+    raw["quantization"] = predictors["onnx-int8"].backend.quantization
+    return rows, raw
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default="resnet18")
@@ -115,15 +176,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-images", type=int, default=512)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--backends", action="store_true", help="every Predictor backend vs the seed path (issue 12)")
+    parser.add_argument("--bulk-images", type=int, default=1000)
+    parser.add_argument("--seed-bulk-images", type=int, default=1000, help="images the seed path's loop times")
+    parser.add_argument("--bulk-batch", type=int, default=64)
+    parser.add_argument("--bulk-workers", type=int, default=2)
+    parser.add_argument("--quant-format", choices=["qdq", "qoperator"], default="qdq")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as workdir:
-        rows, raw = measure(args, device, Path(workdir))
-    print(table(rows, ["what", "path", "p50 ms", "p95 ms"]))
-    path = write_result("predict", {"backbone": args.backbone, "image_size": args.image_size, "device": str(device),
-                                    "results": raw}, args.out_dir)
+        if args.backends:
+            rows, raw = measure_backends(args, device, Path(workdir))
+        else:
+            rows, raw = measure(args, device, Path(workdir))
+    if args.backends:
+        print(table(rows, ["path", "single image p50 ms", "vs seed", "model alone b1 ms", "vs seed",
+                           f"bulk {args.bulk_images} img/s", "vs seed"]))
+    else:
+        print(table(rows, ["what", "path", "p50 ms", "p95 ms"]))
+    path = write_result("predict_backends" if args.backends else "predict",
+                        {"backbone": args.backbone, "image_size": args.image_size, "device": str(device),
+                         "threads": torch.get_num_threads(), "results": raw}, args.out_dir)
     print(f"wrote {path}")
 
 

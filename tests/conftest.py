@@ -9,6 +9,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_UPDATE_DOWNLOAD_COUNTS", "0")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Predictor's "auto" backend times the backends at load; tests pin fp32 torch so that every answer is exact and the
+# same on every CPU (tests/test_backends.py unsets it to test auto itself)
+os.environ.setdefault("ATTRCLF_BACKEND", "torch")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -71,7 +71,7 @@ def test_bad_paths_are_clear_errors_and_leave_files_alone(saved_model, tmp_path,
 def test_a_failed_check_writes_nothing(saved_model, exported, tmp_path, monkeypatch):
     previous = tmp_path / "m.onnx"
     previous.write_bytes(b"previous export")
-    monkeypatch.setattr(export, "to_onnx", lambda model, opset: onnx.load(str(exported[0])))
+    monkeypatch.setattr(export, "to_onnx", lambda model, opset, weights_sha256=None: onnx.load(str(exported[0])))
     monkeypatch.setattr(export, "max_abs_diff", lambda model, path: {1: 0.5, 3: 0.1})
     with pytest.raises(export.AttrclfError, match="differs from PyTorch by 5.00e-01"):
         export_onnx(saved_model[1], previous)

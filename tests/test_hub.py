@@ -286,8 +286,10 @@ def test_only_the_model_package_is_pushed(saved_model, tmp_path):
     (folder / "notes.txt").write_text("mine")
     (folder / ".staging-x").mkdir()
     (folder / "checkpoints").mkdir()
+    (folder / "model.onnx").write_bytes(b"onnx")
+    (folder / "model.int8.onnx").write_bytes(b"onnx")
     assert [p.name for p in model_files(folder)] == ["README.md", "config.json", "loss_curve.png", "metrics.json",
-                                                     "model.safetensors"]
+                                                     "model.int8.onnx", "model.onnx", "model.safetensors"]
 
 
 @pytest.mark.slow
@@ -400,3 +402,30 @@ def test_runtime_requirements_drop_the_test_tools():
     text = ("# a comment\ntorch==2.14.1\ngradio==6.31.0\nruff==0.1\npytest-timeout==2\n\n# tests (below: test-only)\n"
             "pytest==9.2.0\nscikit-learn==1.9.1\n")
     assert runtime_requirements(text) == "# a comment\ntorch==2.14.1\ngradio==6.31.0\n"
+
+
+# ---------------------------------------------------------------- the ONNX exports travel with the model
+
+
+@pytest.mark.slow  # export, push and load by id in subprocesses
+def test_onnx_exports_are_pushed_and_found_by_id(hub, saved_model, tmp_path):
+    folder = tmp_path / "outputs"
+    shutil.copytree(saved_model[0], folder)
+    env = client_env(hub.endpoint, tmp_path / "home")
+    exported = run(["-m", "attrclf", "export", str(folder), "--no-int8"], env)
+    assert exported.returncode == 0, exported.stderr
+    (folder / "model.int8.onnx").write_bytes(b"stand-in: pushed like any package file")
+    pushed = run(["-m", "attrclf.hub", "push", str(folder), "user/onnx-model"], env)
+    assert pushed.returncode == 0, pushed.stderr
+    files = hub.files("user/onnx-model")
+    assert files["model.onnx"] == (folder / "model.onnx").read_bytes() and "model.int8.onnx" in files
+    image = write_image(tmp_path / "img" / "red.png", (220, 20, 20), (40, 40))
+    code = ("import json, sys; from attrclf import Predictor; "
+            "p = Predictor.from_pretrained('user/onnx-model', backend='onnx'); "
+            f"print(json.dumps([p.backend_name, p.predict_probs([{str(image)!r}]).tolist()]))")
+    loaded = run(["-c", code], client_env(hub.endpoint, tmp_path / "home2", token=None))
+    assert loaded.returncode == 0, loaded.stderr
+    name, probs = json.loads(loaded.stdout.strip().splitlines()[-1])
+    local = Predictor.from_pretrained(str(folder), backend="torch").predict_probs([image])
+    assert name == "onnx" and np.abs(np.array(probs) - local).max() < 1e-4
+    assert hub.unhandled == []
