@@ -178,6 +178,70 @@ def ctrl_c(tmp):
     return train(tmp, "--epochs", "3", "--batch-size", "2", "--image-size", "48", data=labels_folder(tmp / "data", 160))
 
 
+# ---------------------------------------------------------------- the labels file (header, quoting, encodings)
+
+
+def raw_folder(root: Path, content: bytes, images=("a.png", "b.png", "c.png"), folders=()) -> Path:
+    """root/labels.txt holding exactly `content`, and an 8x8 image per name in root/images/ (folders: directories)."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for n, name in enumerate(images):
+        Image.new("RGB", (8, 8), (40 * n, 200, 90)).save(root / "images" / name, format="PNG")
+    for name in folders:
+        (root / "images" / name).mkdir()
+    (root / "labels.txt").write_bytes(content)
+    return root
+
+
+def labels_case(name: str, expect: str, content: bytes, *extra: str, images=("a.png", "b.png", "c.png"), folders=(),
+                **options) -> None:
+    """Register a case that trains on a labels.txt of `content` (with `extra` flags)."""
+    def setup(tmp):
+        return train(tmp, *extra, data=raw_folder(tmp / "data", content, images, folders))
+    CASES.append(Case(name, setup, expect, **options))
+
+
+labels_case("headerless first row with a typo (`a.png 1 O NA`)",
+            "labels.txt line 1: value 'O' for attribute 'Attr2' is not 0, 1 or NA",
+            b"a.png 1 O NA\nb.png 0 1 1\nc.png 1 1 0\n")
+labels_case("headerless first row with an invalid value (`?`)",
+            "labels.txt line 1: value '?' for attribute 'Attr2' is not 0, 1 or NA", b"a.png 1 ? NA\nb.png 0 1 1\n")
+labels_case("headerless first row with an invalid value (`yes`)",
+            "labels.txt line 1: value 'yes' for attribute 'Attr1' is not 0, 1 or NA", b"a.png yes 1 1\nb.png 0 1 1\n")
+labels_case("header whose names are numbers (`image 0 1`)",
+            "cannot tell whether the first row 'image 0 1' is a header or an image's labels ('image' is not in",
+            b"image 0 1\na.png 1 0\nb.png 0 1\nc.png 1 NA\n")
+labels_case("header whose names are numbers, with --header", "saved to",
+            b"image 0 1\na.png 1 0\nb.png 0 1\nc.png 1 NA\na2.png 0 0\n", "--header", "--epochs", "1",
+            "--val-fraction", "0.5", images=("a.png", "b.png", "c.png", "a2.png"), exit_code=0, fast=False,
+            kept=outputs_kept)
+labels_case("first row mixing labels and words (`photo 1 hat`)",
+            "cannot tell whether the first row 'photo 1 hat' is a header or an image's labels",
+            b"photo 1 hat\na.png 1 0\nb.png 0 1\n")
+labels_case("image name with a space, unquoted",
+            "labels.txt line 3: 'my' and 'photo.jpg' look like one image name with a space; quote it: "
+            '"my photo.jpg"', b"a.png 1 0\nb.png 0 1\nmy photo.jpg 1 0\n", images=("a.png", "b.png", "my photo.jpg"))
+labels_case("a quote that is not closed", 'labels.txt line 2: a " opens a quoted name that is not closed on this line',
+            b'a.png 1 0\n"b.png 0 1\n')
+labels_case("labels.txt in Latin-1",
+            "labels.txt is not UTF-8 (byte 0xe9 at offset 23, line 3); if it is Latin-1, pass --labels-encoding",
+            "a.png 1 0\nb.png 0 1\ncaf\xe9.png 1 1\n".encode("latin-1"), images=("a.png", "b.png", "caf\xe9.png"))
+labels_case("--labels-encoding that Python does not know", "--labels-encoding 'klingon': not an encoding Python knows",
+            b"a.png 1 0\nb.png 0 1\n", "--labels-encoding", "klingon")
+labels_case("labels.txt in UTF-16", "labels.txt is UTF-16 (it starts with a UTF-16 byte-order mark), not UTF-8",
+            "image x y\na.png 1 0\nb.png 0 1\n".encode("utf-16"))
+labels_case("labels.txt that is binary (a PNG)", "labels.txt looks binary (a NUL byte at offset",
+            b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+labels_case("an image path that is a directory", "labels.txt line 2: 'd.png' is a directory in",
+            b"a.png 1 0\nd.png 0 1\nb.png 1 1\n", folders=("d.png",))
+
+
+@case("--labels pointing at a folder", "is a directory; pass the labels file itself with --labels FILE")
+def labels_is_folder(tmp):
+    data = raw_folder(tmp / "data", b"a.png 1 0\nb.png 0 1\n")
+    (data / "sub").mkdir()
+    return train(tmp, "--labels", str(data / "sub"), data=data)
+
+
 # ---------------------------------------------------------------- running
 
 
