@@ -25,7 +25,7 @@ from .checkpoints import (
     resume_point,
     save_checkpoint,
 )
-from .config import TrainConfig
+from .config import TrainConfig, is_stream
 from .ema import make_ema, update_ema
 from .headcache import CachedHeadStage, uses_feature_cache
 from .labels import compute_pos_weight, training_counts
@@ -37,12 +37,16 @@ from .reporting import finalize, fmt, progress, summary_table, write_outputs
 from .sources import AttrData, prepare_data
 from .splits import data_fingerprint
 from .state import BestEpoch, EpochRecord, FitResult, RunState, ValidationResult
+from .streaming import StreamData, describe_stream, gather_states, prepare_stream, restore_state, stream_loader
+from .tracking import epoch_values, step_values
 from .transforms import eval_transform, train_transform
 
 
 def load_training_data(cfg: TrainConfig, accelerator: Accelerator) -> AttrData:
     """The user's data, or the demo (generated once into the cache, by the main process first)."""
     data = cfg.data
+    if is_stream(data, cfg.streaming):
+        return prepare_stream(cfg)  # shards or --streaming: attrclf.streaming
     if data is None:
         with accelerator.main_process_first():
             data = str(demo.ensure_demo(cfg.demo_size))
@@ -126,6 +130,7 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, accelerator: Accelerat
         value = accelerator.reduce(loss.detach(), reduction="mean").item()
         total, count = total + value, count + 1
         state.record_step(epoch, value)
+        accelerator.log(step_values(value, current_lrs(optimizer)), step=state.step)  # --report-to (else a no-op)
         bar.set_postfix(loss=f"{value:.4f}", refresh=False)
         if cfg.max_steps and state.step >= cfg.max_steps:
             break
@@ -194,8 +199,13 @@ def setup_training(model: AttrClassifier, data: AttrData, cfg: TrainConfig, acce
     val_failures = DecodeFailures(data.validation["image_name"])
     augment = train_transform(model.config, crop_scale=cfg.crop_scale, hflip=cfg.hflip, color_jitter=cfg.color_jitter,
                               random_erasing=cfg.random_erasing)
-    train_loader = make_loader(data.train, augment, cfg.batch_size, True, num_workers=cfg.num_workers, seed=cfg.seed,
-                               sample_weights=sample_weights, failures=train_failures, channels_last=cfg.channels_last)
+    if isinstance(data, StreamData):  # a stream of shards (attrclf.streaming)
+        train_loader = stream_loader(data, augment, cfg, accelerator)
+        train_failures = train_loader.failures
+    else:
+        train_loader = make_loader(data.train, augment, cfg.batch_size, True, num_workers=cfg.num_workers,
+                                   seed=cfg.seed, sample_weights=sample_weights, failures=train_failures,
+                                   channels_last=cfg.channels_last)
     val_loader = make_loader(data.validation, eval_transform(model.config), cfg.batch_size, False,
                              num_workers=cfg.num_workers, failures=val_failures, channels_last=cfg.channels_last)
     if cfg.channels_last:
@@ -252,6 +262,8 @@ def fit(model: AttrClassifier, data: AttrData, cfg: TrainConfig, accelerator: Ac
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         load_ema(resume_from, parts.ema)
+        if isinstance(data, StreamData):
+            restore_state(parts.train_loader, run.stream, accelerator)  # each process's shard + row offset
         accelerator.print(f"resumed from {resume_from}: {run.epoch} epoch(s) and {run.step} step(s) done")
     while run.epoch < cfg.epochs and run.stop is None:
         stage = stage_at(run.epoch, cfg)
@@ -264,8 +276,12 @@ def fit(model: AttrClassifier, data: AttrData, cfg: TrainConfig, accelerator: Ac
         seed_epoch(cfg, run.epoch, accelerator, parts)
         best = run_epoch(prepared, parts, cfg, accelerator, run=run, best=best)
         if cfg.keep_checkpoints:
+            if isinstance(data, StreamData):
+                run.stream = gather_states(parts.train_loader, accelerator)
             save_checkpoint(accelerator, run, best, fingerprint=fingerprint, cfg=cfg, ema=parts.ema)
     accelerator.unwrap_model(prepared.model).to(memory_format=torch.contiguous_format)  # safetensors saves contiguous
+    if isinstance(data, StreamData):
+        parts.train_loader.close()
     run.history.best_epoch = best.epoch
     return FitResult(run.history, best, epochs_run=run.epoch, stopped_early=run.stop == "early_stopping",
                      seconds=run.seconds, pos_weight=parts.pos_weight.tolist(), decode_failures=run.decode_failures,
@@ -300,6 +316,7 @@ def run_epoch(prepared: Prepared, parts: TrainingParts, cfg: TrainConfig, accele
                          seconds=round(seconds, 2), bad_images=len(failed))
     run.history.epochs.append(record)
     report_epoch(record, cfg, accelerator, improved=improved, failed=failed)
+    accelerator.log(epoch_values(record, validations["raw"], parts.model.config.label_names), step=run.step)
     for name in failed:
         run.decode_failures[name] = run.decode_failures.get(name, 0) + 1
     if improved:
@@ -368,6 +385,8 @@ def train_and_save(cfg: TrainConfig, data: AttrData, accelerator: Accelerator) -
     )
     result = fit(model, data, cfg, accelerator, resume_from=resume_from)
     metrics = finalize(model, result, data, cfg)
+    if isinstance(data, StreamData):
+        describe_stream(metrics, data, cfg, steps=len(result.history.iterations.step), world_size=result.world_size)
     if accelerator.is_main_process:
         written = write_outputs(model, metrics, result, cfg=cfg, output_dir=Path(cfg.output_dir))
         shutil.rmtree(checkpoint_root(cfg.output_dir), ignore_errors=True)  # the run is complete: nothing to resume
