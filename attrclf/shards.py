@@ -227,3 +227,11 @@ def main(argv: list[str] | None = None) -> int:
                            group_column=args.group_column)
     print(f"wrote {len(written)} {args.format} shard(s) to {args.output}/")
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from .errors import run_cli
+
+    sys.exit(run_cli(main))

@@ -10,6 +10,7 @@ import tarfile
 import time
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from safetensors.numpy import load_file
@@ -205,8 +206,12 @@ def test_streaming_run_on_two_processes_resumes_like_an_uninterrupted_one_and_lo
     deadline = time.time() + 300
     while not first.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
+    family = psutil.Process(process.pid).children(recursive=True)  # torchrun starts the ranks in their own sessions
     os.killpg(process.pid, signal.SIGKILL)
+    for child in family:
+        child.kill()
     process.wait()
+    psutil.wait_procs(family, timeout=30)
     assert not (broken / "metrics.json").exists()
     saved = json.loads(first.read_text())["stream"]
     assert len(saved) == 2 and all(s["batches"] == 3 for s in saved)  # each process: 3 batches trained on
