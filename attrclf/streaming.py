@@ -318,13 +318,20 @@ class StreamLoader:
 
     def rows(self):
         """This process's training rows forever, pass after pass: (pass, row)."""
+        empty_passes = 0
         while True:
             if self._rows is None:
                 self.dataset.set_epoch(self.passes)
                 self._rows = iter(self.dataset)
+            empty = True
             for row in self._rows:
+                empty = False
                 yield self.passes, row
             self._rows, self.passes = None, self.passes + 1
+            empty_passes = empty_passes + 1 if empty else 0
+            if empty_passes == 2:  # (one may be a resume at the very end of a pass)
+                raise AttrclfError(f"process {self.rank} has no training rows in its shards; give at least as many "
+                                   f"training shards as processes")
 
     def _draw(self, rows) -> tuple:
         """The next batch's rows pulled from the stream, its seed, and the stream state right after them."""

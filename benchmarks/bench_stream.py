@@ -1,6 +1,7 @@
 """Streaming read rate and memory: one pass over local shards, at 1x and 4x the data (issue 13, docs/scale.md).
 
     python -m benchmarks.bench_stream OUT_DIR [--rows 4000] [--size 224] [--shard-size 500] [--kind tar]
+        [--shuffle-buffer 500]
 
 Writes ROWS synthetic JPEG photos-like images (SIZE px, noise + shapes, ~quality 90) once as a labels.txt folder,
 shards them (`attrclf shard`), then, each in a fresh process, for 1x (the shards) and 4x (the same shards listed four
@@ -37,7 +38,7 @@ def make_images(folder: Path, rows: int, size: int) -> None:
     (folder / "labels.txt").write_text("\n".join(lines) + "\n")
 
 
-def measure(shards: str, batches: int) -> dict:
+def measure(shards: str, batches: int, shuffle_buffer: int) -> dict:
     import torch
 
     from attrclf.config import TrainConfig
@@ -47,7 +48,7 @@ def measure(shards: str, batches: int) -> dict:
 
     torch.set_num_threads(1)
     cfg = TrainConfig(data=shards, max_steps=1, val_rows=200, stats_rows=200, batch_size=32, num_workers=1,
-                      backbone="resnet18", pretrained=False, image_size=224).resolve()
+                      shuffle_buffer=shuffle_buffer, backbone="resnet18", pretrained=False, image_size=224).resolve()
     data = prepare_stream(cfg)
     config = AttrConfig.for_backbone("resnet18", data.label_names, image_size=224)
     loader = StreamLoader(data.stream, eval_transform(config), batch_size=32, steps=batches, workers=1, seed=0, rank=0,
@@ -79,10 +80,11 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=500)
     parser.add_argument("--kind", default="tar", choices=["tar", "parquet"])
     parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--shuffle-buffer", type=int, default=500)
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure, args.batches)))
+        print(json.dumps(measure(args.measure, args.batches, args.shuffle_buffer)))
         return
     out = Path(args.out)
     if not (out / "data" / "labels.txt").is_file():
@@ -102,7 +104,8 @@ def main() -> None:
     size = sum(p.stat().st_size for p in one.iterdir())
     for name, folder in (("1x", one), ("4x", four)):
         result = subprocess.run([sys.executable, "-m", "benchmarks.bench_stream", args.out, "--measure", str(folder),
-                                 "--batches", str(args.batches)], capture_output=True, text=True, check=True)
+                                 "--batches", str(args.batches), "--shuffle-buffer", str(args.shuffle_buffer)],
+                                capture_output=True, text=True, check=True)
         print(json.dumps({"data": name, "shard_bytes_1x": size, **json.loads(result.stdout.strip().splitlines()[-1])}))
 
 

@@ -116,11 +116,12 @@ def test_a_bad_row_is_named_by_shard_and_row(shard_data, tmp_path):
                     payload = payload.replace(b'"b": 0', b'"b": "x"')
                 member.size = len(payload)
                 target.addfile(member, __import__("io").BytesIO(payload))
-    cfg = stream_config(bad, shuffle_buffer=1, stats_rows=10)
-    loader = stream_loader(prepare_stream(cfg), None, cfg, OneProcess())
+    cfg = stream_config(bad, shuffle_buffer=1, stats_rows=10, eval_every=10)
+    config = __import__("attrclf").AttrConfig.for_backbone("test_resnet", ["a", "b", "c"], image_size=32)
+    loader = stream_loader(prepare_stream(cfg), eval_transform(config), cfg, OneProcess())
     with pytest.raises(AttrclfError, match=r"^shard-00005\.tar row 3 \(key i053\): value 'x' for attribute 'b' is "
                                            r"not 0, 1 or NA$"):
-        for _ in loader.rows():
+        for _ in loader:  # training row 24 in order (rows 0-29 validate): the third batch of 8
             pass
     with pytest.raises(AttrclfError, match="shard-00005.tar row 3"):  # held out for validation: found up front
         prepare_stream(stream_config(bad, val_rows=60))
