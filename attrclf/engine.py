@@ -316,7 +316,8 @@ def run_epoch(prepared: Prepared, parts: TrainingParts, cfg: TrainConfig, accele
                          seconds=round(seconds, 2), bad_images=len(failed))
     run.history.epochs.append(record)
     report_epoch(record, cfg, accelerator, improved=improved, failed=failed)
-    accelerator.log(epoch_values(record, validations["raw"], parts.model.config.label_names), step=run.step)
+    if accelerator.trackers:  # --report-to
+        accelerator.log(epoch_values(record, validations["raw"], parts.model.config.label_names), step=run.step)
     for name in failed:
         run.decode_failures[name] = run.decode_failures.get(name, 0) + 1
     if improved:

@@ -92,7 +92,8 @@ class RunState:
 
     def to_dict(self) -> dict:
         """The loop's part of training_state.json (JSON-ready)."""
-        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "history"},
+        skip = ("history",) if self.stream is not None else ("history", "stream")  # only a stream has a state
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip},
                 "decode_failures": dict(self.decode_failures), "history": self.history.to_dict()}
 
     @classmethod
