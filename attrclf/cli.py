@@ -46,6 +46,7 @@ COMMANDS = {
     "push-space": Command("attrclf.hub", "push the Gradio Space that serves a model", ("push-space",)),
     "app": Command("attrclf.ui", "serve a model in the Gradio web app"),
     "demo": Command("attrclf.demo", "write the demo dataset (labels.txt + images/) to a folder"),
+    "shard": Command("attrclf.shards", "write a labelled dataset as WebDataset tar or Parquet shards (for streaming)"),
 }
 
 

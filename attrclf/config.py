@@ -8,6 +8,7 @@ over the file.
 import argparse
 import copy
 import json
+import math
 import os
 import sys
 import typing
@@ -21,6 +22,13 @@ from .fileio import is_hub_id
 from .heads import HEAD_TYPES
 from .losses import LOSSES, NA_POLICIES, build_loss
 from .model import ALL_STAGES, GEOMETRIES
+from .shards import looks_like_shards
+from .tracking import chosen_trackers
+
+
+def is_stream(data: str | None, streaming: bool) -> bool:
+    """Whether a run streams: --streaming, or --data naming shards (attrclf.shards)."""
+    return bool(streaming) or looks_like_shards(data)
 
 # Defaults of flags left unset: (with --data, for the demo). The demo trains from scratch on small images, so it
 # takes bigger batches and a higher learning rate to finish in a few minutes on a CPU.
@@ -177,6 +185,22 @@ class TrainConfig:
                            "device (GPU, else CPU), 'loader' runs timm's per-image transforms in the loader workers; "
                            "'auto': device on a GPU, loader on a CPU (benchmarks/README.md)", "auto",
                            choices=["auto", "device", "loader"])
+    # streaming sources and tracking (attrclf.streaming, attrclf.shards, attrclf.tracking)
+    streaming: bool = _opt("stream --data (a Hub dataset id or dataset folder whose data files are .tar / .parquet "
+                           "shards) instead of loading it; --data naming shards (*.tar / *.parquet, a glob or a "
+                           "folder, local or fsspec) always streams. A stream is step-based: --max-steps, "
+                           "--eval-every", False)
+    shuffle_buffer: int = _opt("streaming: rows in the shuffle buffer of each process (it also shuffles the shard "
+                               "order each pass); 1 = no shuffling", 10000)
+    val_data: str | None = _opt("streaming: validation data (shards or any --data source), read once; default: the "
+                                "first --val-rows rows of the shards, held out of training")
+    val_rows: int = _opt("streaming: rows held out for validation from the start of the shards (without --val-data)",
+                         2000)
+    stats_rows: int = _opt("streaming: training rows, from the start, whose label counts give pos_weight", 10000)
+    eval_every: int = _opt("streaming: optimiser steps between validations (one epoch of the loop: schedule, "
+                           "checkpoints and early stopping count in these)", 1000)
+    report_to: str = _opt("experiment tracker(s): tensorboard (OUTPUT/tracking/), wandb, mlflow, all (the installed "
+                          "ones) or none", "none", choices=["none", "tensorboard", "wandb", "mlflow", "all"])
 
     def resolve(self) -> "TrainConfig":
         """A copy with every automatic default decided and the values checked."""
@@ -194,7 +218,12 @@ class TrainConfig:
             cfg.lr_finetune = cfg.lr if from_scratch else 1e-4
         if cfg.num_workers is None:
             cfg.num_workers = min(8 if torch.cuda.is_available() else 4, max(0, (os.cpu_count() or 1) - 1))
-        if cfg.dataset_id is None and cfg.data and is_hub_id(cfg.data):
+        if is_stream(cfg.data, cfg.streaming):
+            if not cfg.max_steps:
+                raise AttrclfError("a stream has no known length: give --max-steps (and --eval-every, the steps "
+                                   "between validations)")
+            cfg.epochs = math.ceil(cfg.max_steps / max(1, cfg.eval_every))  # one loop epoch = --eval-every steps
+        if cfg.dataset_id is None and cfg.data and is_hub_id(cfg.data) and not is_stream(cfg.data, False):
             cfg.dataset_id = cfg.data  # a Hub dataset id: the card links it
         cfg.check()
         return cfg
@@ -247,6 +276,20 @@ class TrainConfig:
             raise AttrclfError(f"--query-dim ({self.query_dim}) must be a multiple of --query-heads "
                                f"({self.query_heads}), and --query-layers ({self.query_layers}) at least 1")
         build_loss(self.loss, **self.loss_options())  # the loss checks its own settings
+        self.check_streaming()
+        chosen_trackers(self.report_to)  # an uninstalled tracker: say which package, before anything starts
+
+    def check_streaming(self) -> None:
+        """The streaming flags' values, and the features a stream cannot offer."""
+        for name in ("shuffle_buffer", "val_rows", "stats_rows", "eval_every"):
+            if getattr(self, name) < 1:
+                raise AttrclfError(f"--{name.replace('_', '-')} must be at least 1")
+        if not is_stream(self.data, self.streaming):
+            return
+        for name in ("balanced_sampler", "head_feature_cache", "folds"):
+            if getattr(self, name):
+                raise AttrclfError(f"--{name.replace('_', '-')} needs the whole dataset in memory; it cannot be "
+                                   f"combined with a stream (--streaming or shards in --data)")
 
     def loss_options(self) -> dict:
         """The --asl-* / --focal-* settings of the chosen loss, as keyword arguments of its class."""

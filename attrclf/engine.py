@@ -28,7 +28,7 @@ from .checkpoints import (
     resume_point,
     save_checkpoint,
 )
-from .config import TrainConfig
+from .config import TrainConfig, is_stream
 from .decodecache import augment_on, data_path, decode_cache
 from .ema import make_ema, update_ema
 from .headcache import CachedHeadStage, uses_feature_cache
@@ -42,12 +42,16 @@ from .reporting import finalize, fmt, progress, summary_table, write_outputs
 from .sources import AttrData, prepare_data
 from .splits import data_fingerprint
 from .state import BestEpoch, EpochRecord, FitResult, RunState, ValidationResult
+from .streaming import StreamData, describe_stream, gather_states, prepare_stream, restore_state, stream_loader
+from .tracking import epoch_values, step_values
 from .transforms import eval_transform, train_transform
 
 
 def load_training_data(cfg: TrainConfig, accelerator: Accelerator) -> AttrData:
     """The user's data, or the demo (generated once into the cache, by the main process first)."""
     data = cfg.data
+    if is_stream(data, cfg.streaming):
+        return prepare_stream(cfg)  # shards or --streaming: attrclf.streaming
     if data is None:
         with accelerator.main_process_first():
             data = str(demo.ensure_demo(cfg.demo_size))
@@ -161,6 +165,7 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, accelerator: Accelerat
         value = accelerator.reduce(loss.detach(), reduction="mean").item()
         total, count = total + value, count + 1
         state.record_step(epoch, value)
+        accelerator.log(step_values(value, current_lrs(optimizer)), step=state.step)  # --report-to (else a no-op)
         bar.set_postfix(loss=f"{value:.4f}", refresh=False)
         if cfg.max_steps and state.step >= cfg.max_steps:
             break
@@ -235,12 +240,17 @@ def setup_training(model: AttrClassifier, data: AttrData, cfg: TrainConfig, acce
     options = dict(crop_scale=cfg.crop_scale, hflip=cfg.hflip, color_jitter=cfg.color_jitter,
                    random_erasing=cfg.random_erasing)
     augment, evaluation = train_transform(model.config, **options), eval_transform(model.config)
-    path = data_path(model.config, data.decoded, augment_on=augment_on(cfg, accelerator), train_transform=augment,
-                     eval_transform=evaluation, augment_options=options, channels_last=cfg.channels_last,
-                     failures=train_failures)
-    train_loader = make_loader(data.train, augment, cfg.batch_size, True, num_workers=cfg.num_workers, seed=cfg.seed,
-                               sample_weights=sample_weights, failures=train_failures,
-                               channels_last=cfg.channels_last and path.augment is None, rows=path.train_rows)
+    stream = isinstance(data, StreamData)  # a stream of shards (attrclf.streaming) augments in its own pool
+    path = data_path(model.config, data.decoded, augment_on="loader" if stream else augment_on(cfg, accelerator),
+                     train_transform=augment, eval_transform=evaluation, augment_options=options,
+                     channels_last=cfg.channels_last, failures=train_failures)
+    if stream:
+        train_loader = stream_loader(data, augment, cfg, accelerator)
+        train_failures = train_loader.failures
+    else:
+        train_loader = make_loader(data.train, augment, cfg.batch_size, True, num_workers=cfg.num_workers,
+                                   seed=cfg.seed, sample_weights=sample_weights, failures=train_failures,
+                                   channels_last=cfg.channels_last and path.augment is None, rows=path.train_rows)
     val_loader = make_loader(data.validation, evaluation, cfg.batch_size, False, num_workers=cfg.num_workers,
                              failures=val_failures, channels_last=cfg.channels_last, rows=path.val_rows)
     if cfg.channels_last:
@@ -300,7 +310,10 @@ def fit(model: AttrClassifier, data: AttrData, cfg: TrainConfig, accelerator: Ac
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         load_ema(resume_from, parts.ema)
-        replay = read_replay(resume_from, run, accelerator)
+        if isinstance(data, StreamData):  # the stream's own state says where it stopped: no batches to replay
+            restore_state(parts.train_loader, run.stream, accelerator)  # each process's shard + row offset
+        else:
+            replay = read_replay(resume_from, run, accelerator)
         accelerator.print(f"resumed from {resume_from}: {run.epoch} epoch(s) and {run.step} step(s) done")
     with preemption.training_loop(cfg.output_dir):
         try:
@@ -317,12 +330,18 @@ def fit(model: AttrClassifier, data: AttrData, cfg: TrainConfig, accelerator: Ac
                 best = run_epoch(prepared, parts, cfg, accelerator, run=run, best=best, replay=replay)
                 replay, checkpoint = None, None
                 if cfg.keep_checkpoints:
+                    if isinstance(data, StreamData):
+                        run.stream = gather_states(parts.train_loader, accelerator)
                     checkpoint = save_checkpoint(accelerator, run, best, fingerprint=fingerprint, cfg=cfg,
                                                  ema=parts.ema)
                 preemption.check(accelerator, checkpoint=checkpoint)
         except preemption.StopRequested as request:  # every process stops at this step
+            if isinstance(data, StreamData):
+                run.stream = gather_states(parts.train_loader, accelerator)
             raise stop_here(request, accelerator, run, best, cfg=cfg, fingerprint=fingerprint, ema=parts.ema) from None
     accelerator.unwrap_model(prepared.model).to(memory_format=torch.contiguous_format)  # safetensors saves contiguous
+    if isinstance(data, StreamData):
+        parts.train_loader.close()
     run.history.best_epoch = best.epoch
     return FitResult(run.history, best, epochs_run=run.epoch, stopped_early=run.stop == "early_stopping",
                      seconds=run.seconds, pos_weight=parts.pos_weight.tolist(), decode_failures=run.decode_failures,
@@ -371,6 +390,8 @@ def run_epoch(prepared: Prepared, parts: TrainingParts, cfg: TrainConfig, accele
                          seconds=round(seconds, 2), bad_images=len(failed))
     run.history.epochs.append(record)
     report_epoch(record, cfg, accelerator, improved=improved, failed=failed)
+    if accelerator.trackers:  # --report-to
+        accelerator.log(epoch_values(record, validations["raw"], parts.model.config.label_names), step=run.step)
     for name in failed:
         run.decode_failures[name] = run.decode_failures.get(name, 0) + 1
     if improved:
@@ -450,6 +471,8 @@ def train_and_save(cfg: TrainConfig, data: AttrData, accelerator: Accelerator) -
     prepare_output_dir(cfg, model, accelerator)
     result = fit(model, data, cfg, accelerator, resume_from=resume_from)
     metrics = finalize(model, result, data, cfg)
+    if isinstance(data, StreamData):
+        describe_stream(metrics, data, cfg, steps=len(result.history.iterations.step), world_size=result.world_size)
     if accelerator.is_main_process:
         with writing("the model and reports", cfg.output_dir):
             written = write_outputs(model, metrics, result, cfg=cfg, output_dir=Path(cfg.output_dir))

@@ -26,6 +26,13 @@ def configure_threads(cfg: TrainConfig, accelerator: Accelerator) -> int:
     return threads
 
 
+def num_machines(world_size: int) -> int:
+    """Machines in the run: the world size over the processes of one machine (torchrun's LOCAL_WORLD_SIZE, set by
+    `accelerate launch`; 1 machine when the run was not launched)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size) or world_size)
+    return max(1, world_size // max(1, local))
+
+
 def fast_cpu_bf16() -> bool:
     """bf16 pays on a CPU only with native bf16 instructions (AVX512-BF16 or AMX); elsewhere autocast emulates it and
     runs ~30x slower than fp32 (measured on an AVX2 EPYC)."""

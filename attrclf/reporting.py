@@ -8,8 +8,8 @@ metrics.json, written by `write_outputs` from `finalize`'s dict:
                          f1_macro_at_0.5, f1_micro_tuned, f1_macro_tuned, f1_macro_tuned_crossfit, evaluated_attributes,
                          num_images, per_attribute {name: ap, threshold, precision, recall, f1, f1_at_0.5, positives,
                          negatives, na, evaluated}; a figure that is undefined (no attribute with both classes) is null
-    best_epoch, epochs_run, stopped_early, train_seconds, world_size, mixed_precision, resumed_from (a checkpoint
-                         path or null)
+    best_epoch, epochs_run, stopped_early, train_seconds, world_size, num_machines, mixed_precision, resumed_from
+                         (a checkpoint path or null)
     weights              "raw" or "ema": which weights the best epoch kept (attrclf.ema); ema_decay its setting
     data                 source, split, train_images, validation_images, label_names, train_counts and
                          validation_counts ({name: {positive, negative, na}}), skipped_images, skipped ([{image,
@@ -34,6 +34,7 @@ from . import __version__
 from .card import render_card
 from .config import TrainConfig
 from .fileio import write_each
+from .hardware import num_machines
 from .labels import label_counts
 from .metrics import evaluate_predictions, tune_thresholds
 from .model import AttrClassifier
@@ -72,6 +73,7 @@ def finalize(model: AttrClassifier, result: FitResult, data: AttrData, cfg: Trai
         "stopped_early": result.stopped_early,
         "train_seconds": round(result.seconds, 1),
         "world_size": result.world_size,
+        "num_machines": num_machines(result.world_size),
         "mixed_precision": result.mixed_precision,
         "resumed_from": result.resumed_from,
         "data": {

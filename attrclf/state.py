@@ -82,6 +82,7 @@ class RunState:
     seconds: float = 0.0  # training and validation time of the epochs done
     decode_failures: dict[str, int] = field(default_factory=dict)  # image name -> epochs it failed to decode in
     history: History = field(default_factory=History)
+    stream: list[dict] | None = None  # a streamed run: each process's stream state (attrclf.streaming)
 
     def record_step(self, epoch: int, loss: float) -> None:
         """Append the optimiser step just taken (self.step) and its loss; `epoch` is 0-based."""
@@ -96,13 +97,14 @@ class RunState:
 
     def to_dict(self) -> dict:
         """The loop's part of training_state.json (JSON-ready)."""
-        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "history"},
+        skip = ("history",) if self.stream is not None else ("history", "stream")  # only a stream has a state
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip},
                 "decode_failures": dict(self.decode_failures), "history": self.history.to_dict()}
 
     @classmethod
     def from_dict(cls, saved: dict) -> "RunState":
         """From training_state.json (which holds more keys: fingerprint, best, ...; they are left out)."""
-        values = {f.name: saved[f.name] for f in fields(cls) if f.name != "history"}
+        values = {f.name: saved[f.name] for f in fields(cls) if f.name != "history" and f.name in saved}
         return cls(**values, history=History.from_dict(saved["history"]))
 
 

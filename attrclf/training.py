@@ -10,6 +10,7 @@ import sys
 
 from accelerate import Accelerator
 
+from . import tracking
 from .config import TrainConfig, parse_args
 from .crossval import cross_validate
 from .engine import load_training_data, train_and_save
@@ -25,8 +26,10 @@ def training_function(cfg: TrainConfig) -> dict:
     check_writable(cfg.output_dir)  # a file, read-only, /proc: say so before loading anything
     if cfg.push_to_hub:
         check_can_push(cfg.push_to_hub)  # no token or a bad id: say so now, not after training
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision))
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+                              **tracking.accelerator_options(cfg))
     configure_threads(cfg, accelerator)
+    tracking.start(accelerator, cfg)  # --report-to: the run's settings to the trackers
     data = load_training_data(cfg, accelerator)
     accelerator.print(
         f"data: {data.source}: {len(data.train)} train / {len(data.validation)} validation images, "
@@ -37,8 +40,11 @@ def training_function(cfg: TrainConfig) -> dict:
     for message in data.warnings:
         accelerator.print(f"warning: {message}")
     if cfg.folds:
-        return cross_validate(cfg, data, accelerator)
+        metrics = cross_validate(cfg, data, accelerator)
+        accelerator.end_training()
+        return metrics
     metrics = train_and_save(cfg, data, accelerator)
+    accelerator.end_training()  # closes the trackers (a no-op without --report-to)
     if cfg.push_to_hub and accelerator.is_main_process:
         url = push_model(cfg.output_dir, cfg.push_to_hub, private=cfg.hub_private)
         accelerator.print(f"pushed {cfg.output_dir}/ to {cfg.push_to_hub}: {url}")

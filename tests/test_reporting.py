@@ -15,8 +15,8 @@ from attrclf.state import BestEpoch, EpochRecord, FitResult, History
 from .conftest import OUTPUT_FILES, tiny_split
 
 METRICS_KEYS = {"attrclf_version", "validation", "best_epoch", "epochs_run", "stopped_early", "train_seconds",
-                "world_size", "mixed_precision", "resumed_from", "data", "pos_weight", "na_policy", "thresholds_note",
-                "weights", "ema_decay"}
+                "world_size", "num_machines", "mixed_precision", "resumed_from", "data", "pos_weight", "na_policy",
+                "thresholds_note", "weights", "ema_decay"}
 
 
 @pytest.fixture
