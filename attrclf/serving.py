@@ -40,7 +40,9 @@ class AppSettings:
         port: Server port (None: gradio's GRADIO_SERVER_PORT, else the first free port from 7860).
         concurrency: Requests handled at once (each decodes its own upload; their model calls are batched); more
             requests wait in the queue.
-        threads: torch threads of the model's forward pass (one forward runs at a time: the batcher's).
+        threads: torch threads of the model's forward pass (one forward runs at a time: the batcher's). 1 by
+            default: on 2 cores that also decode uploads and run the server, a second OpenMP thread spin-waits and
+            cost 4x the CPU per answer in bench_app.py.
         queue_size: Requests that may wait; beyond it users are told the queue is full.
         max_file_size: Largest upload gradio accepts ("10mb").
         examples: Folder of example images (None: generated demo examples when the model is the demo's).
@@ -52,7 +54,7 @@ class AppSettings:
     host: str | None = None
     port: int | None = None
     concurrency: int = 8
-    threads: int = 2
+    threads: int = 1
     queue_size: int = 64
     max_file_size: str = "10mb"
     examples: str | None = None
