@@ -20,8 +20,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.test_browser import CHROMIUM_ARGS, wait_for_line  # noqa: E402
 from tests.test_app import free_port  # noqa: E402
+from tests.test_browser import CHROMIUM_ARGS, wait_for_line  # noqa: E402
 
 
 def demo_files(folder: Path, count: int = 4) -> list[str]:
