@@ -44,7 +44,7 @@ COMMANDS = {
     "export": Command("attrclf.export", "export a model to ONNX, checked against PyTorch"),
     "push": Command("attrclf.hub", "push a training output folder to a Hub model repo", ("push",)),
     "push-space": Command("attrclf.hub", "push the Gradio Space that serves a model", ("push-space",)),
-    "app": Command("attrclf.ui", "serve a model in the Gradio web app"),
+    "app": Command("attrclf.serving", "serve a model in the Gradio web app"),
     "demo": Command("attrclf.demo", "write the demo dataset (labels.txt + images/) to a folder"),
     "shard": Command("attrclf.shards", "write a labelled dataset as WebDataset tar or Parquet shards (for streaming)"),
 }

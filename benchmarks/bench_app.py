@@ -1,10 +1,15 @@
 """Load check of the web app: cold start of `python app.py`, then concurrent gradio_client users on loopback.
 
     python benchmarks/bench_app.py --model outputs            # 8 users x 50 predictions (the defaults)
+    git worktree add /tmp/before <commit>    # or: mkdir /tmp/before && git archive <commit> | tar -x -C /tmp/before
+    python benchmarks/bench_app.py --model outputs --compare /tmp/before --rounds 2   # A B A B, same load
 
 Prints a table and writes benchmarks/results/bench_app-<time>.json. Goals (ResNet18 demo model, 2 CPU cores):
-0 errors, p95 <= 150 ms, cold start (process start to first answer) <= 8 s. Figures depend on everything else the
-machine runs: the JSON records the load average before and after.
+0 errors, p95 <= 150 ms, cold start (process start to first answer) <= 8 s. Besides latency it reports the server's
+resident memory while serving (peak of /proc/PID/status VmRSS, sampled every 100 ms) and its CPU time per answer
+(utime + stime over the load, from /proc/PID/stat): a figure that a busy machine disturbs less than wall time.
+`--compare ROOT` runs the same in another checkout's app.py, alternating with this one, so both see the same load.
+Figures depend on everything else the machine runs: the JSON records the load average before and after.
 """
 
 import argparse
@@ -63,14 +68,43 @@ def model_alone(model: str, images: list[str], threads: int = 1) -> dict:
     return {"threads": threads, "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95))}
 
 
-def cold_start(model: str, port: int, image: str, extra: list[str]) -> tuple[subprocess.Popen, dict]:
-    """Start `python app.py`; seconds until the page answers and until the first prediction comes back."""
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class RssSampler(threading.Thread):
+    """The peak resident memory of a process, sampled every 100 ms until stopped."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peak_mb, self.stopped = pid, 0.0, threading.Event()
+
+    def run(self):
+        while not self.stopped.wait(0.1):
+            try:
+                self.peak_mb = max(self.peak_mb, proc_rss_mb(self.pid))
+            except OSError:
+                return
+
+
+def cold_start(model: str, port: int, image: str, extra: list[str], root: Path = REPO) -> tuple[subprocess.Popen, dict]:
+    """Start `python app.py` of checkout `root`; seconds until the page answers and until the first prediction."""
     import httpx
     from gradio_client import Client, handle_file
 
     start = time.perf_counter()
-    server = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--model", model, "--port", str(port), *extra],
-                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen([sys.executable, str(root / "app.py"), "--model", model, "--port", str(port), *extra],
+                              cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "PYTHONPATH": str(root)})
     url = f"http://127.0.0.1:{port}/"
     while True:
         if server.poll() is not None:
@@ -150,9 +184,29 @@ def load(url: str, images: list[str], users: int, requests: int, http: bool = Fa
     return report
 
 
+def serve_once(model: str, root: Path, images: list[str], args, app_flags: list[str]) -> dict:
+    """One app (checkout `root`): cold start, then the load, with the server's CPU per answer and peak RSS."""
+    port = free_port()
+    server, cold = cold_start(model, port, images[0], app_flags, root)
+    sampler = RssSampler(server.pid)
+    sampler.start()
+    try:
+        cpu_before, client_before = proc_cpu_s(server.pid), proc_cpu_s(os.getpid())
+        run = load(f"http://127.0.0.1:{port}/", images, args.users, args.requests, args.http)
+        run["server_cpu_ms_per_answer"] = (proc_cpu_s(server.pid) - cpu_before) * 1000 / max(run["ok"], 1)
+        run["client_cpu_ms_per_answer"] = (proc_cpu_s(os.getpid()) - client_before) * 1000 / max(run["ok"], 1)
+        run["server_rss_mb"] = max(sampler.peak_mb, proc_rss_mb(server.pid))
+    finally:
+        sampler.stopped.set()
+        server.terminate()
+        server.wait(timeout=30)
+    return {"root": str(root), "cold_start": cold, "load": run}
+
+
 def table(report: dict) -> str:
     cold, run = report["cold_start"], report["load"]
     rows = [
+        ("app", report.get("root", str(REPO)), ""),
         ("cold start: page answers", f"{cold['page_s']:.2f} s", ""),
         ("cold start: first prediction", f"{cold['first_answer_s']:.2f} s", "goal <= 8 s"),
         (f"{run['users']} {run['client']} users: ok / errors", f"{run['ok']} / {run['errors']}", "goal 0 errors"),
@@ -165,6 +219,9 @@ def table(report: dict) -> str:
             ("latency p95", f"{run['p95_ms']:.0f} ms", "goal <= 150 ms"),
             ("latency p99 / max", f"{run['p99_ms']:.0f} / {run['max_ms']:.0f} ms", ""),
             ("throughput", f"{run['throughput_per_s']:.1f} predictions/s", ""),
+            ("server CPU per answer", f"{run['server_cpu_ms_per_answer']:.1f} ms", "user + system"),
+            ("clients' CPU per answer", f"{run['client_cpu_ms_per_answer']:.1f} ms", "this process, same cores"),
+            ("server RSS while serving (peak)", f"{run['server_rss_mb']:.0f} MB", ""),
         ]
     alone = report["model_alone"]
     rows.append(("model alone (no server) p50 / p95", f"{alone['p50_ms']:.0f} / {alone['p95_ms']:.0f} ms", "1 thread"))
@@ -191,6 +248,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--http", action="store_true",
                         help="users speak plain HTTP instead of gradio_client (the server's share of the latency)")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--compare", type=Path, default=None,
+                        help="another checkout (e.g. the commit before) whose app.py runs the same, alternating")
+    parser.add_argument("--rounds", type=int, default=1, help="times each app is measured (alternating with --compare)")
     args, app_flags = parser.parse_known_args(argv)  # anything else goes to app.py (--concurrency, --threads)
     import gradio
     import torch
@@ -198,18 +258,15 @@ def main(argv: list[str] | None = None) -> None:
     report = {"model": args.model, "app_flags": app_flags, "cpus": os.cpu_count(), "loadavg_before": os.getloadavg(),
               "python": platform.python_version(), "gradio": gradio.__version__, "torch": torch.__version__,
               "machine": platform.machine()}
-    port = free_port()
+    roots = [REPO] + ([args.compare.resolve()] if args.compare else [])
     with tempfile.TemporaryDirectory() as folder:
         images = demo_images(Path(folder))
         report["model_alone"] = model_alone(args.model, images)
-        server, report["cold_start"] = cold_start(args.model, port, images[0], app_flags)
-        try:
-            report["load"] = load(f"http://127.0.0.1:{port}/", images, args.users, args.requests, args.http)
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+        report["runs"] = [serve_once(args.model, root, images, args, app_flags)
+                          for _ in range(args.rounds) for root in roots]
     report["loadavg_after"] = os.getloadavg()
-    print(table(report))
+    for run in report["runs"]:
+        print(table({**report, **run}), end="\n\n")
     print(f"wrote {write_json(report, args.results)}")
 
 

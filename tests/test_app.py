@@ -1,11 +1,17 @@
 """The Gradio app: pure parts with hand-made answers, then the served app through gradio_client and raw HTTP."""
 
+import csv
 import http.client
+import io
 import json
+import os
 import runpy
 import shutil
 import socket
 import struct
+import subprocess
+import sys
+import threading
 import zlib
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,26 +23,27 @@ from PIL import Image
 
 from attrclf import AttrclfError, Predictor
 from attrclf import demo as demo_data
+from attrclf.heatmap import feature_map_logits, grad_cam, heatmap, overlay, seen_box
+from attrclf.serving import AppSettings, MicroBatcher, load_predictor
 from attrclf.ui import (
     ABSENT,
     PRESENT,
-    AppSettings,
     build_demo,
     chosen_thresholds,
     example_images,
     launch,
-    load_predictor,
-    model_markdown,
     present_markdown,
-    read_upload,
     relabel,
     result_rows,
 )
+from attrclf.ui_files import FileScore, file_csv, file_table, present_counts, read_upload, score_files
+from attrclf.ui_model import model_markdown, read_metrics, read_pr_curves, validation_rows
 
 from .conftest import REPO, write_image
 
 NAMES = ["red", "round", "big"]  # the saved_model fixture's attributes, tuned thresholds 0.3 / 0.5 / 0.7
 MAX_FILE_SIZE = 200_000
+BATCH_WAIT_MS = 50  # long enough that parallel requests share a forward pass even on a busy machine
 
 
 def free_port() -> int:
@@ -105,9 +112,11 @@ def test_settings_flags_beat_environment_and_outputs_is_the_default(tmp_path, mo
     env = {"ATTRCLF_MODEL": "user/attrclf", "ATTRCLF_EXAMPLES": "ex"}
     assert AppSettings.parse([], environ=env).model == "user/attrclf"
     settings = AppSettings.parse(["--model", "m", "--host", "0.0.0.0", "--port", "8000", "--concurrency", "3",
-                                  "--threads", "2", "--max-file-size", "5mb"], environ=env)
-    assert settings == AppSettings("m", "0.0.0.0", 8000, 3, 2, 64, "5mb", "ex")
-    for flags in (["--concurrency", "0"], ["--threads", "0"], ["--queue-size", "0"], ["--examples", "missing"]):
+                                  "--threads", "1", "--max-file-size", "5mb", "--max-batch-size", "4",
+                                  "--batch-wait-ms", "10"], environ=env)
+    assert settings == AppSettings("m", "0.0.0.0", 8000, 3, 1, 64, "5mb", "ex", 4, 10.0)
+    for flags in (["--concurrency", "0"], ["--threads", "0"], ["--queue-size", "0"], ["--examples", "missing"],
+                  ["--max-batch-size", "0"], ["--batch-wait-ms", "-1"]):
         with pytest.raises(SystemExit):
             AppSettings.parse(flags, environ={})
 
@@ -125,11 +134,20 @@ def test_no_model_or_a_bad_one_gives_instructions_not_an_exception(tmp_path):
 def test_model_panel_shows_backbone_and_validation_map(saved_model, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(saved_model[0], folder)
-    predictor = Predictor.from_pretrained(str(folder))
-    text = model_markdown(predictor, str(folder))
+    config = Predictor.from_pretrained(str(folder)).config
+    text = model_markdown(config, str(folder), read_metrics(str(folder)))
     assert "test_resnet" in text and "mAP n/a" in text and "red 0.30, round 0.50, big 0.70" in text
-    (folder / "metrics.json").write_text(json.dumps({"validation": {"mAP": 0.9123, "f1_macro_tuned": 0.8}}))
-    assert "mAP 0.912, macro-F1 at the tuned thresholds 0.800" in model_markdown(predictor, str(folder))
+    assert validation_rows(read_metrics(str(folder)), NAMES) == [] and read_pr_curves(str(folder)) is None
+    per_attribute = {"red": {"ap": 0.91234, "threshold": 0.3, "f1": 0.8, "precision": 0.75, "recall": None,
+                             "positives": 5, "negatives": 7, "na": 1}}
+    (folder / "metrics.json").write_text(json.dumps({"validation": {"mAP": 0.9123, "f1_macro_tuned": 0.8,
+                                                                    "per_attribute": per_attribute}}))
+    metrics = read_metrics(str(folder))
+    assert "mAP 0.912, macro-F1 at the tuned thresholds 0.800" in model_markdown(config, str(folder), metrics)
+    assert validation_rows(metrics, NAMES) == [["red", "0.912", "0.300", "0.800", "0.750", "n/a", 5, 7, 1]]
+    Image.new("RGB", (40, 30), (10, 200, 10)).save(folder / "pr_curves.png")
+    curves = read_pr_curves(str(folder))
+    assert curves.size == (40, 30) and curves.getpixel((5, 5)) == (10, 200, 10)
 
 
 def test_examples_are_generated_for_the_demo_model_only(tmp_path):
@@ -156,11 +174,12 @@ def served(saved_model):
     folder = str(saved_model[0])
     predictor, status = load_predictor(folder)
     settings = AppSettings(model=folder, host="127.0.0.1", port=free_port(), max_file_size=f"{MAX_FILE_SIZE}b")
-    demo = build_demo(predictor, folder, status)
+    demo = build_demo(predictor, folder, status, batch_wait_ms=BATCH_WAIT_MS)
     launch(demo, settings, prevent_thread_lock=True, quiet=True)
     try:
         client = Client(f"http://127.0.0.1:{settings.port}/", verbose=False)
-        yield SimpleNamespace(predictor=predictor, client=client, port=settings.port, folder=folder)
+        yield SimpleNamespace(predictor=predictor, client=client, port=settings.port, folder=folder,
+                              batcher=demo.scorer.batcher)
     finally:
         demo.close()
 
@@ -367,3 +386,203 @@ def test_app_py_without_a_model_serves_a_page_that_says_how_to_get_one(tmp_path,
     finally:
         demo.close()
     assert "No model loaded" in config and "accelerate launch train.py" in config and "ATTRCLF_MODEL" in config
+
+
+# ---------------------------------------------------------------- batching, many files, heatmaps
+
+
+def test_micro_batcher_batches_parallel_calls_and_answers_each_its_own():
+    calls = []
+
+    def run_batch(items):
+        calls.append(list(items))
+        if "fail" in items:
+            raise ValueError("bad batch")
+        return [item * 2 for item in items]
+
+    batcher = MicroBatcher(run_batch, max_batch_size=4, wait_s=0.2)
+    answers, barrier = {}, threading.Barrier(6)
+
+    def call(k):
+        barrier.wait()
+        answers[k] = batcher(k)
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert answers == {k: 2 * k for k in range(6)}
+    assert sorted(len(c) for c in calls) == [2, 4] and batcher.batch_sizes == [len(c) for c in calls]
+    with pytest.raises(ValueError, match="bad batch"):
+        batcher("fail")
+    assert batcher(21) == 42  # the worker survives a failed batch
+
+
+def test_many_files_table_csv_and_summary_follow_the_thresholds(saved_model, tmp_path):
+    predictor = Predictor.from_pretrained(str(saved_model[0]))
+    good = [write_image(tmp_path / f"{name}.png", colour, (30, 20)) for name, colour in
+            [("red", (220, 20, 20)), ("blue", (20, 20, 220))]]
+    (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "empty.png").write_bytes(b"")
+    records = [(str(good[0]), "red.png"), (str(tmp_path / "notes.png"), "notes.png"), (str(good[1]), "blue.png"),
+               (str(tmp_path / "empty.png"), "empty.png")]
+    scores = score_files(predictor, records)
+    expected = predictor.predict_probs(good)
+    assert [s.name for s in scores] == ["red.png", "notes.png", "blue.png", "empty.png"]
+    assert scores[0].probs == pytest.approx(expected[0].tolist(), abs=1e-6)
+    assert scores[2].probs == pytest.approx(expected[1].tolist(), abs=1e-6)
+    assert "is not an image file" in scores[1].error and "is empty (0 bytes)" in scores[3].error
+    assert scores[0].error is None and scores[1].probs is None
+
+    fixed = [FileScore("a.png", [0.2, 0.6, 0.9]), FileScore("b.png", error="'b.png' is empty")]
+    assert file_table(fixed, NAMES, [0.3, 0.5, 0.7]) == [
+        ["a.png", "absent 0.20", "PRESENT 0.60", "PRESENT 0.90", ""], ["b.png", "", "", "", "'b.png' is empty"]]
+    assert file_table(fixed, NAMES, [0.1] * 3)[0][1:4] == ["PRESENT 0.20", "PRESENT 0.60", "PRESENT 0.90"]
+    rows = list(csv.reader(io.StringIO(file_csv(fixed, NAMES, [0.3, 0.5, 0.7]))))
+    assert rows == [["image", *NAMES, *[f"{n} probability" for n in NAMES], "error"],
+                    ["a.png", ABSENT, PRESENT, PRESENT, "0.200000", "0.600000", "0.900000", ""],
+                    ["b.png", "", "", "", "", "", "", "'b.png' is empty"]]
+    assert present_counts(fixed, NAMES, [0.3, 0.5, 0.7]) == (
+        "**1 image(s) scored**, **1 could not be used** (see Message). Present: red 0, round 1, big 1")
+
+
+def tiny_cam_model(tiny_model_factory, geometry: str = "whole"):
+    model = tiny_model_factory(NAMES, image_size=64).eval()  # test_resnet at 64 px: a 2x2 feature map
+    if geometry == "crop":
+        model.config.crop_mode, model.config.crop_pct = "center", 0.5
+    return model
+
+
+def half_and_half(size=(90, 60)) -> Image.Image:
+    pixels = np.zeros((size[1], size[0], 3), np.uint8)
+    pixels[:, : size[0] // 2] = (230, 30, 30)
+    pixels[:, size[0] // 2 :] = (30, 60, 200)
+    return Image.fromarray(pixels)
+
+
+def test_grad_cam_equals_the_hand_computed_map_and_the_model_logits(tiny_model_factory):
+    model = tiny_cam_model(tiny_model_factory)
+    pixel_values = Predictor(model).preprocess(half_and_half()).unsqueeze(0)
+    fmap, logits = feature_map_logits(model, pixel_values)
+    assert torch.allclose(logits, model(pixel_values), atol=1e-5)  # the CAM path is the model's own forward
+    # By hand: the MLP head reads average-pooled features, so d logit / d A_c(h, w) = d logit / d pooled_c / (h w)
+    pooled = fmap.detach().mean(dim=(2, 3)).requires_grad_(True)
+    for attribute in range(len(NAMES)):
+        (d_pooled,) = torch.autograd.grad(model.head(pooled)[0, attribute], pooled)
+        weights = d_pooled[0] / (fmap.shape[2] * fmap.shape[3])
+        by_hand = torch.relu((weights[:, None, None] * fmap[0].detach()).sum(0))
+        by_hand = by_hand / by_hand.max() if by_hand.max() > 0 else by_hand
+        assert np.allclose(grad_cam(model, pixel_values, attribute), by_hand.numpy(), atol=1e-5)
+
+
+def test_heatmap_has_the_image_size_is_not_constant_and_stays_in_the_seen_box(tiny_model_factory):
+    image = half_and_half()
+    model = tiny_cam_model(tiny_model_factory)
+    maps = [heatmap(model, Predictor(model).preprocess(image), image, a) for a in range(len(NAMES))]
+    assert all(m.shape == (60, 90) and m.min() >= 0 and m.max() <= 1 for m in maps)
+    assert any(m.max() - m.min() > 0.2 for m in maps)  # a map that is the same everywhere shows nothing
+    shown = overlay(image, maps[0])
+    assert shown.size == image.size and not np.array_equal(np.asarray(shown), np.asarray(image))
+
+    cropped = tiny_cam_model(tiny_model_factory, "crop")  # the model sees the centre half: nothing outside it
+    left, top, right, bottom = seen_box(cropped.config, 90, 60)
+    assert (left, top, right, bottom) == (30, 15, 60, 45)
+    crop_maps = [heatmap(cropped, Predictor(cropped).preprocess(image), image, a) for a in range(len(NAMES))]
+    for m in crop_maps:
+        inside = m[top:bottom, left:right]
+        assert m.shape == (60, 90) and m.sum() == pytest.approx(inside.sum())
+
+
+def test_parallel_requests_are_batched_and_each_gets_its_own_image(served, tmp_path):
+    """8 users at once, each with a differently coloured image: the forward passes are shared (batches of more than
+    one), yet every answer is its own image's."""
+    from gradio_client import Client, handle_file
+
+    colours = [(255 - 30 * k, 30 * k, (90 * k) % 256) for k in range(8)]
+    images = [write_image(tmp_path / f"colour_{k}.png", colour, (40, 40)) for k, colour in enumerate(colours)]
+    expected = served.predictor.predict_probs(images)
+    assert min(np.abs(a - b).max() for i, a in enumerate(expected) for b in expected[i + 1 :]) > 1e-4  # all differ
+    clients = [Client(f"http://127.0.0.1:{served.port}/", verbose=False) for _ in images]
+    answers, barrier = {}, threading.Barrier(len(images))
+    before = len(served.batcher.batch_sizes)
+
+    def user(k):
+        barrier.wait()
+        answers[k] = clients[k].predict(handle_file(str(images[k])), api_name="/predict")
+
+    threads = [threading.Thread(target=user, args=(k,)) for k in range(len(images))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for k, probs in enumerate(expected):
+        assert list(answers[k]["probabilities"].values()) == pytest.approx(probs.tolist(), abs=1e-5), k
+    sizes = served.batcher.batch_sizes[before:]
+    assert sum(sizes) == len(images) and max(sizes) > 1, sizes
+
+
+def test_api_scores_many_files_with_a_message_for_each_bad_one(served, tmp_path):
+    from gradio_client import handle_file
+
+    predictor, client = served.predictor, served.client
+    good = [write_image(tmp_path / "r.png", (220, 20, 20), (30, 30)), write_image(tmp_path / "g.jpg", (20, 200, 20))]
+    (tmp_path / "broken.png").write_text("not an image")
+    files = [good[0], tmp_path / "broken.png", good[1]]
+    table, summary, csv_path = client.predict([handle_file(str(p)) for p in files], False, 0.5,
+                                              api_name="/predict_files")
+    probs = predictor.predict_probs(good)
+    assert table["headers"] == ["Image", *NAMES, "Message"]
+    assert [row[0] for row in table["data"]] == ["r.png", "broken.png", "g.jpg"]
+    assert "'broken.png' is not an image file" in table["data"][1][-1] and table["data"][1][1:-1] == [""] * 3
+    for row, p in zip([table["data"][0], table["data"][2]], probs, strict=True):
+        assert row[1:-1] == [f"{PRESENT if v >= t else ABSENT} {v:.2f}" for v, t in zip(p, [0.3, 0.5, 0.7],
+                                                                                         strict=True)]
+    assert "2 image(s) scored" in summary and "1 could not be used" in summary
+    rows = list(csv.reader(open(csv_path, encoding="utf-8")))
+    assert [r[0] for r in rows[1:]] == ["r.png", "broken.png", "g.jpg"]
+    assert [float(v) for v in rows[1][4:7]] == pytest.approx(probs[0].tolist(), abs=1e-6)
+    everything = client.predict([handle_file(str(p)) for p in good], True, 0.0, api_name="/predict_files")[0]
+    assert all(cell.startswith(PRESENT) for row in everything["data"] for cell in row[1:-1])
+
+
+def test_api_heatmap_has_the_upload_size_and_refuses_unknown_attributes(served, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    upload = tmp_path / "halves.png"
+    half_and_half((70, 50)).save(upload)
+    shown = Image.open(served.client.predict(handle_file(str(upload)), "round", api_name="/heatmap"))
+    assert shown.size == (70, 50)
+    assert not np.array_equal(np.asarray(shown.convert("RGB")), np.asarray(Image.open(upload).convert("RGB")))
+    with pytest.raises(AppError, match="attribute must be one of red, round, big"):
+        served.client.predict(handle_file(str(upload)), "colour", api_name="/heatmap")
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch and gradio and serves: 30-120 s on 2 busy cores
+def test_serving_app_py_imports_no_datasets_accelerate_or_matplotlib(saved_model, tmp_path):
+    """The whole serving path in a fresh interpreter: app.py's wiring, the server, one answer from each endpoint."""
+    write_image(tmp_path / "probe.png")
+    code = f"""
+import json, runpy, sys
+from gradio_client import Client, handle_file
+from attrclf.ui import launch
+namespace = runpy.run_path({str(REPO / "app.py")!r}, run_name="app")
+namespace["settings"].port = {free_port()}
+launch(namespace["demo"], namespace["settings"], prevent_thread_lock=True, quiet=True)
+client = Client(f"http://127.0.0.1:{{namespace['settings'].port}}/", verbose=False)
+image = handle_file({str(tmp_path / "probe.png")!r})
+client.predict(image, api_name="/predict")
+client.predict([image], False, 0.5, api_name="/predict_files")
+client.predict(image, "red", api_name="/heatmap")
+heavy = [m for m in ("datasets", "accelerate", "matplotlib") if m in sys.modules]
+namespace["demo"].close()
+print("HEAVY", json.dumps(heavy))
+"""
+    env = {**os.environ, "ATTRCLF_MODEL": str(saved_model[0]), "GRADIO_ANALYTICS_ENABLED": "False",
+           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    heavy = [line for line in result.stdout.splitlines() if line.startswith("HEAVY ")]
+    assert heavy and json.loads(heavy[-1][len("HEAVY "):]) == []

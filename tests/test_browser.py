@@ -3,13 +3,17 @@
 Skipped when chromium is missing, except under CI (env CI set), where a missing browser fails the run.
 """
 
+import csv
+import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from attrclf import Predictor
 from attrclf import demo as demo_data
@@ -45,6 +49,13 @@ def app(tmp_path_factory, tiny_model_factory):
     model = tiny_model_factory(demo_data.LABEL_NAMES)
     model.config.thresholds = [0.5] * len(demo_data.LABEL_NAMES)
     model.eval().save_pretrained(root / "model")
+    # what training leaves beside a model: the model panel shows them
+    per_attribute = {name: {"ap": 0.5 + 0.05 * i, "threshold": 0.5, "f1": 0.6, "precision": 0.7, "recall": 0.8,
+                            "positives": 10 + i, "negatives": 20, "na": 1}
+                     for i, name in enumerate(demo_data.LABEL_NAMES)}
+    (root / "model" / "metrics.json").write_text(json.dumps({"validation": {"mAP": 0.625, "f1_macro_tuned": 0.6,
+                                                                            "per_attribute": per_attribute}}))
+    Image.new("RGB", (120, 80), (30, 120, 200)).save(root / "model" / "pr_curves.png")
     port = free_port()
     env = {**os.environ, "ATTRCLF_CACHE": str(root / "cache"), "GRADIO_ANALYTICS_ENABLED": "False"}
     process = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--model", str(root / "model"), "--port",
@@ -71,10 +82,10 @@ def wait_for_line(process, text: str) -> str:
     return console
 
 
-def read_table(page) -> list[list[str]]:
-    """The results table's data rows, through its ARIA grid roles (gradio 6 renders a virtual grid, not <td>s)."""
-    return page.evaluate("""() => Array.from(document.querySelectorAll('#table [role=grid] [role=row][data-index]'))
-        .map(row => Array.from(row.querySelectorAll('[role=gridcell]')).map(cell => cell.innerText.trim()))""")
+def read_table(page, elem_id: str = "table") -> list[list[str]]:
+    """A table's data rows, through its ARIA grid roles (gradio 6 renders a virtual grid, not <td>s)."""
+    return page.evaluate("""(id) => Array.from(document.querySelectorAll(`#${id} [role=grid] [role=row][data-index]`))
+        .map(row => Array.from(row.querySelectorAll('[role=gridcell]')).map(cell => cell.innerText.trim()))""", elem_id)
 
 
 def wait_for_table(page, expected: dict, statuses: list[str], step: str) -> list[list[str]]:
@@ -130,8 +141,85 @@ def test_upload_read_table_move_threshold_click_example(app, tmp_path):
             from_example = predictor.predict(example)
             wait_for_table(page, from_example["probabilities"], status(from_example), "example")
             assert len(model_runs) == 2
+
+            check_heatmap(page, example)
+            assert len(model_runs) == 3
+            check_many_files(page, predictor, tmp_path, model_runs)
+            check_model_panel(page)
             page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
         finally:
             browser.close()
     assert (tmp_path / "app.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     print(f"screenshot: {tmp_path / 'app.png'}")
+
+
+def check_heatmap(page, example) -> None:
+    """Pick an attribute, ask for the heatmap: an image of the example's size appears."""
+    page.locator("#heatmap-attribute input").click()
+    page.get_by_role("option", name="red", exact=True).click()
+    page.locator("#heatmap-button").click()
+    shown = page.locator("#heatmap img")
+    shown.wait_for(state="visible")
+    page.wait_for_function("() => document.querySelector('#heatmap img')?.naturalWidth > 0")
+    size = shown.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+    assert size == list(Image.open(example).size)
+
+
+def wait_for_files_table(page, check, step: str) -> list[list[str]]:
+    deadline, rows = time.monotonic() + TIMEOUT_S, []
+    while time.monotonic() < deadline:
+        rows = read_table(page, "files-table")
+        if rows and check(rows):
+            return rows
+        page.wait_for_timeout(200)
+    raise AssertionError(f"{step}: the files table never matched; last seen {rows}")
+
+
+def check_many_files(page, predictor, tmp_path, model_runs) -> None:
+    """Several files (one broken), then a folder; the global threshold re-labels the table without the model; the
+    CSV download holds the table."""
+    images = [write_image(tmp_path / "many" / f"{name}.png", colour, (30, 30)) for name, colour in
+              [("one", (220, 30, 30)), ("two", (30, 200, 60))]]
+    (tmp_path / "many" / "broken.png").write_text("not an image")
+    page.locator("#files input[type=file]").set_input_files([str(images[0]), str(tmp_path / "many" / "broken.png"),
+                                                            str(images[1])])
+    probs = predictor.predict_probs(images)
+    names = predictor.label_names
+
+    def labelled(rows, thresholds):
+        if [r[0] for r in rows] != ["one.png", "broken.png", "two.png"] or "is not an image" not in rows[1][-1]:
+            return False
+        return all(row[1:-1] == [f"{'PRESENT' if v >= t else 'absent'} {v:.2f}" for v, t in zip(p, thresholds,
+                                                                                                  strict=True)]
+                   for row, p in zip([rows[0], rows[2]], probs, strict=True))
+
+    wait_for_files_table(page, lambda rows: labelled(rows, [0.5] * len(names)), "files")
+    runs = len(model_runs)
+    page.locator("#threshold input[type=range]").fill("0")
+    wait_for_files_table(page, lambda rows: labelled(rows, [0.0] * len(names)), "files at threshold 0")
+    assert "2 image(s) scored" in page.locator("#files-summary").inner_text()
+    assert len(model_runs) == runs, "moving the threshold ran the model on the files again"
+    with page.expect_download() as download:
+        page.locator("#files-csv").click()
+    rows = list(csv.reader(open(download.value.path(), encoding="utf-8")))
+    assert [r[0] for r in rows[1:]] == ["one.png", "broken.png", "two.png"]
+    assert rows[1][1:1 + len(names)] == ["PRESENT"] * len(names)  # the CSV follows the page's threshold (0)
+    page.locator("#use-global input[type=checkbox]").uncheck()
+
+    folder = tmp_path / "folder"
+    for k in range(3):
+        write_image(folder / f"f{k}.png", (40 * k, 100, 200), (20, 20))
+    page.locator("#folder input[type=file]").set_input_files(str(folder))
+    wait_for_files_table(page, lambda rows: sorted(Path(r[0]).name for r in rows) == ["f0.png", "f1.png", "f2.png"],
+                         "folder")
+
+
+def check_model_panel(page) -> None:
+    panel = page.locator("#model-panel")
+    assert "mAP 0.625" in panel.inner_text()
+    expected = [[name, f"{0.5 + 0.05 * i:.3f}"] for i, name in enumerate(demo_data.LABEL_NAMES)]
+    assert [row[:2] for row in read_table(page, "validation-table")] == expected
+    curves = page.locator("#pr-curves img")
+    curves.wait_for(state="visible")
+    page.wait_for_function("() => document.querySelector('#pr-curves img')?.naturalWidth > 0")
+    assert curves.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [120, 80]

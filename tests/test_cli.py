@@ -33,7 +33,7 @@ def test_top_level_help_lists_every_command(capsys):
 @pytest.mark.parametrize("command, module, prefix", [
     ("train", "attrclf.training", []), ("predict", "attrclf.predict", []), ("evaluate", "attrclf.evaluate", []),
     ("export", "attrclf.export", []), ("push", "attrclf.hub", ["push"]), ("push-space", "attrclf.hub", ["push-space"]),
-    ("app", "attrclf.ui", []), ("demo", "attrclf.demo", []),
+    ("app", "attrclf.serving", []), ("demo", "attrclf.demo", []),
 ])
 def test_each_command_runs_its_module_main(command, module, prefix, monkeypatch):
     calls = []
