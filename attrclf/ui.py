@@ -403,7 +403,7 @@ def launch(demo: gr.Blocks, settings: AppSettings, **kwargs):
 def build_app(settings: AppSettings, loader: ModelLoader | None = None) -> gr.Blocks:
     """The whole app for `settings`: the model loaded once (by `loader`, started earlier so that torch imports while
     gradio does; its status printed for the console), then the page."""
-    loader = loader or ModelLoader(settings.model, settings.threads)
+    loader = loader or ModelLoader(settings.model, settings.threads, settings.backend)
     predictor, status = loader.result()
     print(status, flush=True)
     return build_demo(predictor, settings.model, status, settings.examples, max_batch_size=settings.max_batch_size,

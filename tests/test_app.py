@@ -115,10 +115,21 @@ def test_settings_flags_beat_environment_and_outputs_is_the_default(tmp_path, mo
                                   "--threads", "1", "--max-file-size", "5mb", "--max-batch-size", "4",
                                   "--batch-wait-ms", "10"], environ=env)
     assert settings == AppSettings("m", "0.0.0.0", 8000, 3, 1, 64, "5mb", "ex", 4, 10.0)
+    assert AppSettings.parse([], environ={}).backend == "auto"
+    assert AppSettings.parse([], environ={"ATTRCLF_BACKEND": "onnx"}).backend == "onnx"
+    assert AppSettings.parse(["--backend", "torch"], environ={"ATTRCLF_BACKEND": "onnx"}).backend == "torch"
     for flags in (["--concurrency", "0"], ["--threads", "0"], ["--queue-size", "0"], ["--examples", "missing"],
                   ["--max-batch-size", "0"], ["--batch-wait-ms", "-1"]):
         with pytest.raises(SystemExit):
             AppSettings.parse(flags, environ={})
+
+
+def test_the_backend_reaches_the_predictor_and_the_console_line(saved_model):
+    folder, _ = saved_model
+    predictor, message = load_predictor(str(folder), backend="torch")
+    assert predictor.backend_name == "torch" and message.endswith("backend torch")
+    predictor, message = load_predictor(str(folder), backend="warp-drive")
+    assert predictor is None and "Could not load model" in message and "warp-drive" in message
 
 
 def test_no_model_or_a_bad_one_gives_instructions_not_an_exception(tmp_path):
