@@ -1,6 +1,7 @@
 """ONNX export of a trained model, checked against PyTorch with onnxruntime, and its int8 quantization.
 
 CLI: attrclf export MODEL_DIR [OUT.onnx] [--opset 18] [--calibrate DATA] [--no-int8] [--quant-format qdq|qoperator]
+     [--int8-keep-float first,head|none]
 
 Without OUT.onnx the files go next to model.safetensors, where Predictor's onnx / onnx-int8 backends find them and
 `attrclf push` uploads them: model.onnx (fp32) and model.int8.onnx (int8 static quantization calibrated and scored on
@@ -27,6 +28,7 @@ from .errors import AttrclfError, run_cli
 from .fileio import atomic_path
 from .model import AttrClassifier
 from .predict import Predictor, model_files
+from .quantize import KEEP_FLOAT, NODE_KINDS
 
 # The oldest opset that torch's default (torch.export-based) exporter writes; onnxruntime runs it since 1.14.
 OPSET = 18
@@ -108,7 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
                              "rebuilt from MODEL_DIR/train_config.json")
     parser.add_argument("--quant-format", choices=["qdq", "qoperator"], default="qdq",
                         help="onnxruntime's int8 graph form (default qdq: the faster here)")
+    parser.add_argument("--int8-keep-float", default=",".join(KEEP_FLOAT), metavar="KINDS",
+                        help=f"parts left in fp32, comma-separated from {', '.join(NODE_KINDS)}, or 'none' for all "
+                             f"int8 (default {','.join(KEEP_FLOAT)}: the validation mAP held; 'none' ran ResNet18 "
+                             f"faster, see benchmarks/README.md 'Fast inference')")
     return parser
+
+
+def keep_float_of(text: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip() and k.strip() != "none")
+    unknown = [k for k in kinds if k not in NODE_KINDS]
+    if unknown:
+        raise AttrclfError(f"--int8-keep-float: unknown part(s) {', '.join(unknown)} (choose from "
+                           f"{', '.join(NODE_KINDS)}, or 'none')")
+    return kinds
 
 
 def output_paths(args) -> tuple[Path, Path]:
@@ -122,22 +137,25 @@ def output_paths(args) -> tuple[Path, Path]:
 
 
 def export_int8(predictor: Predictor, args, fp32: Path, int8: Path) -> None:
-    from .quantize import find_images, quantize
+    from .quantize import Settings, find_images, quantize
 
     images = find_images(args.model, args.calibrate, predictor.label_names)
     if images is None:
         print(f"int8: skipped, no validation images found (the folder has no train_config.json, or its data is not "
               f"where training read it); pass --calibrate DATA to write {int8.name}")
         return
-    record = quantize(predictor, fp32, int8, images, args.quant_format)
+    settings = Settings(keep_float=keep_float_of(args.int8_keep_float))
+    record = quantize(predictor, fp32, int8, images, args.quant_format, settings)
     verdict = "may be the auto default" if record["default_allowed"] else "refused as the auto default"
     print(f"wrote {int8} ({record['format']}): validation mAP {record['mAP_int8']} vs fp32 {record['mAP_fp32']} "
           f"({record['mAP_change_points']:+} points) on {record['images']} images from {record['calibration']}; "
-          f"largest probability difference {record['max_prob_diff']:.2e}; {verdict}")
+          f"largest probability difference {record['max_prob_diff']:.2e}; fp32 parts: "
+          f"{','.join(record['keep_float']) or 'none'}; {verdict}")
 
 
 def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    keep_float_of(args.int8_keep_float)  # a bad list fails before the export, not after
     fp32, int8 = output_paths(args)
     # loading and its errors as the predict CLI has them
     predictor = Predictor.from_pretrained(args.model, revision=args.revision, device="cpu", backend="torch")

@@ -12,9 +12,10 @@ import onnx
 import pytest
 
 from attrclf import Predictor, backends
+from attrclf.errors import AttrclfError
 from attrclf.export import main as export_main
 from attrclf.hardware import fast_cpu_bf16
-from attrclf.quantize import find_images, mean_ap
+from attrclf.quantize import KEEP_FLOAT, excluded_nodes, find_images, mean_ap, node_kinds
 
 from .conftest import error_of, tiny_split, write_labels_dataset
 
@@ -60,6 +61,38 @@ def test_export_writes_both_graphs_beside_the_weights_with_the_record(exported):
     assert record["default_allowed"] == (record["mAP_change_points"] >= -0.5)
     assert json.loads(metadata["label_names"]) == LABELS and backends.WEIGHTS_KEY in metadata
     assert "wrote" in out and "validation mAP" in out
+
+
+def test_int8_keeps_the_first_convolution_and_the_head_fp32_and_records_the_settings(exported):
+    folder, _ = exported
+    model = onnx.load(str(folder / "model.int8.onnx"))
+    record = json.loads({p.key: p.value for p in model.metadata_props}[backends.QUANTIZATION_KEY])
+    assert record["calibration_method"] == "minmax" and record["keep_float"] == list(KEEP_FLOAT) == ["first", "head"]
+    kinds = node_kinds(model)  # read on the int8 graph: the fp32 nodes kept their float weights (head.*) and input
+    assert len(kinds["first"]) == 1 and kinds["head"] and record["nodes_kept_float"] == len(kinds["first"]) + len(
+        kinds["head"])
+    made_by = {out: node.op_type for node in model.graph.node for out in node.output}
+    fp32 = set(kinds["first"] + kinds["head"])
+    weighted = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    for node in weighted:  # a quantized node reads its weight through DequantizeLinear; a kept one reads floats
+        assert (made_by.get(node.input[1]) == "DequantizeLinear") == (node.name not in fp32), node.name
+    assert any(n.name not in fp32 for n in weighted)  # the rest is int8
+    with pytest.raises(AttrclfError, match="unknown node kind"):
+        excluded_nodes(model, ("classifier",))
+
+
+def test_int8_keep_float_none_quantizes_every_weighted_node_and_bad_parts_are_refused(exported, calibration,
+                                                                                     tmp_path, capsys):
+    out = tmp_path / "all.onnx"
+    assert export_main([str(exported[0]), str(out), "--calibrate", str(calibration), "--int8-keep-float", "none"]) == 0
+    model = onnx.load(str(tmp_path / "all.int8.onnx"))
+    record = json.loads({p.key: p.value for p in model.metadata_props}[backends.QUANTIZATION_KEY])
+    assert record["keep_float"] == [] and record["nodes_kept_float"] == 0 and "fp32 parts: none" in (
+        capsys.readouterr().out)
+    made_by = {out: node.op_type for node in model.graph.node for out in node.output}
+    assert all(made_by.get(n.input[1]) == "DequantizeLinear" for n in model.graph.node if n.op_type in ("Conv", "Gemm"))
+    assert export_main([str(exported[0]), str(tmp_path / "bad.onnx"), "--int8-keep-float", "head,stem"]) == 2
+    assert "unknown part(s) stem" in capsys.readouterr().err and not (tmp_path / "bad.onnx").exists()
 
 
 def test_onnx_fp32_matches_torch_within_1e4(exported, calibration):
