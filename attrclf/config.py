@@ -148,7 +148,9 @@ class TrainConfig:
                                  "the new data and the head meets shifted features after the switch", False)
     warm_bn_stats: bool = _opt("in the head stage, let the BatchNorm running statistics of the stages that fine-tuning "
                                "will unfreeze follow the data (their weights stay frozen), so the head learns on the "
-                               "features it will meet after the switch instead of seeing them move under it", False)
+                               "features it will meet after the switch and validation mAP no longer falls there; "
+                               "--no-warm-bn-stats keeps the pretrained statistics until the switch. No effect with "
+                               "--head-feature-cache (its features are computed once) or --freeze-bn-stats", True)
     ema_decay: float = _opt("keep an exponential moving average of the weights (timm ModelEmaV3, decay warmed up "
                             "from 0 towards this value); each epoch validates both the raw and the averaged "
                             "weights and the better is kept (0 = off)", 0.9998)
@@ -247,9 +249,6 @@ class TrainConfig:
             raise AttrclfError(f"--na-policy must be one of {', '.join(NA_POLICIES)} (got '{self.na_policy}')")
         if self.switch_warmup < 0:
             raise AttrclfError(f"--switch-warmup must be >= 0 epochs, 0 = none (got {self.switch_warmup:g})")
-        if self.warm_bn_stats and self.head_feature_cache:
-            raise AttrclfError("--warm-bn-stats needs the head stage to run the backbone on every batch; it cannot be "
-                               "combined with --head-feature-cache")
         if not 0 <= self.ema_decay < 1:
             raise AttrclfError(f"--ema-decay must be in [0, 1), 0 = off (got {self.ema_decay:g})")
         if not (0 <= self.pseudo_low < self.pseudo_high <= 1 and 0 < self.pseudo_weight <= 1):

@@ -256,7 +256,7 @@ def setup_training(model: AttrClassifier, data: AttrData, cfg: TrainConfig, acce
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)  # in place: the optimizer's parameters stay the same objects
     model.frozen_bn_stats = cfg.freeze_bn_stats
-    model.warm_bn_stages = cfg.unfreeze if cfg.warm_bn_stats else 0
+    model.warm_bn_stages = cfg.unfreeze if cfg.warm_bn_stats and not uses_feature_cache(cfg) else 0
     head_stage = CachedHeadStage(data, cfg) if uses_feature_cache(cfg) else None
     return TrainingParts(model, loss_fn, make_optimizer(model, cfg), train_loader, val_loader,
                          train_failures=train_failures, val_failures=val_failures, pos_weight=pos_weight,

@@ -70,3 +70,4 @@ def test_the_template_comes_from_the_package_when_installed(tmp_path, monkeypatc
     monkeypatch.setattr(card.resources, "files", lambda package: tmp_path)
     rendered = render_card(asdict(AttrConfig(["a"], backbone="resnet18")))
     assert rendered.text.strip() == "packaged template for resnet18"
+

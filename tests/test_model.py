@@ -229,3 +229,20 @@ def test_stage_counts_by_family():
     counts = {name: len(AttrClassifier(AttrConfig.for_backbone(name, ["a"], image_size=32)).backbone_stages())
               for name in ("test_resnet", "test_convnext", "test_efficientnet", "test_vit")}
     assert counts == {"test_resnet": 4, "test_convnext": 4, "test_efficientnet": 5, "test_vit": 3}
+
+
+def test_warm_bn_stats_is_the_default_and_setup_applies_it_unless_the_head_stage_is_cached(tiny_data, tmp_path):
+    from accelerate import Accelerator
+
+    from attrclf.config import parse_args
+    from attrclf.engine import build_model, setup_training
+
+    from .conftest import tiny_config, tiny_split
+
+    assert parse_args([]).warm_bn_stats is True and parse_args(["--no-warm-bn-stats"]).warm_bn_stats is False
+    data = tiny_split(tiny_data)
+    for changes, stages in (({}, 1), ({"warm_bn_stats": False}, 0), ({"head_feature_cache": True}, 0)):
+        cfg = tiny_config(tiny_data, tmp_path / "out", unfreeze_stages="1", head_epochs=1, epochs=2, **changes)
+        model = build_model(cfg, data.label_names)
+        setup_training(model, data, cfg, Accelerator(cpu=True))
+        assert model.warm_bn_stages == stages, changes

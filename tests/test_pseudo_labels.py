@@ -223,4 +223,6 @@ def test_pseudo_labels_never_reach_validation_thresholds_or_counts(tmp_path, tin
     np.testing.assert_array_equal(ignored.best.mask, real_mask)
     assert ignored_metrics["data"]["validation_counts"] == counts and ignored_metrics["na_policy"] == {
         "policy": "ignore"}
-    assert "`--na-policy ignore`: NA left out of the loss" in (tmp_path / "ignore" / "README.md").read_text()
+    ignore_card = (tmp_path / "ignore" / "README.md").read_text()
+    assert "`--na-policy ignore`: NA left out of the loss" in ignore_card
+    assert "--warm-bn-stats" not in ignore_card  # the head stage trained on cached features: nothing to warm

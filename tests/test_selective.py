@@ -97,3 +97,5 @@ def test_selective_negatives_never_reach_validation_thresholds_or_counts(tmp_pat
     card = (tmp_path / "selective" / "README.md").read_text()
     assert "`--na-policy selective`, selective negatives after CSL (Ben-Baruch et al., CVPR 2022)" in card
     assert "counted as a negative with loss weight 0.5" in card
+    # the default --warm-bn-stats, with a head stage that runs the backbone on every batch
+    assert "already followed the data in the head stage (--warm-bn-stats)" in card
