@@ -23,6 +23,7 @@ from attrclf.streaming import prepare_stream, stream_loader
 from attrclf.transforms import eval_transform
 
 from .conftest import OUTPUT_FILES, REPO, write_labels_dataset
+from .test_scale import environment, run
 
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--mixed_precision", "no", "--dynamo_backend", "no"]
 TINY = ["--backbone", "test_resnet", "--image-size", "32", "--batch-size", "8", "--no-pretrained", "--cpu-threads", "1"]
@@ -139,16 +140,6 @@ def test_streaming_needs_max_steps_and_report_to_names_the_missing_package(shard
 
 
 # ---------------------------------------------------------------- real processes
-
-
-def environment(tmp_path) -> dict:
-    return {**os.environ, "ATTRCLF_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1",
-            "PYTHONPATH": str(REPO)}
-
-
-def run(command, tmp_path):
-    return subprocess.run(command, capture_output=True, text=True, env=environment(tmp_path), cwd=tmp_path,
-                          timeout=600, check=False)
 
 
 def free_port() -> int:
