@@ -1,6 +1,7 @@
 """Shared fixtures. Everything runs offline on CPU; the Hub clients are told so before they are imported."""
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -79,6 +80,13 @@ def saved_model(tmp_path_factory, tiny_model_factory):
     model.eval()
     model.save_pretrained(folder)
     return folder, model
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now (for a server or a rendezvous a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def error_of(call) -> str:

@@ -7,7 +7,6 @@ import json
 import os
 import runpy
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -39,17 +38,11 @@ from attrclf.ui import (
 from attrclf.ui_files import FileScore, file_csv, file_table, present_counts, read_upload, score_files
 from attrclf.ui_model import model_markdown, read_metrics, read_pr_curves, validation_rows
 
-from .conftest import REPO, write_image
+from .conftest import REPO, free_port, write_image
 
 NAMES = ["red", "round", "big"]  # the saved_model fixture's attributes, tuned thresholds 0.3 / 0.5 / 0.7
 MAX_FILE_SIZE = 200_000
 BATCH_WAIT_MS = 50  # long enough that parallel requests share a forward pass even on a busy machine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png_header_only(path: Path, width: int, height: int) -> Path:

@@ -18,8 +18,7 @@ from PIL import Image
 from attrclf import Predictor
 from attrclf import demo as demo_data
 
-from .conftest import REPO, write_image
-from .test_app import free_port
+from .conftest import REPO, free_port, write_image
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -22,7 +21,7 @@ from attrclf.shards import read_shard, resolve_shards, write_shards
 from attrclf.streaming import prepare_stream, stream_loader
 from attrclf.transforms import eval_transform
 
-from .conftest import OUTPUT_FILES, REPO, write_labels_dataset
+from .conftest import OUTPUT_FILES, REPO, free_port, write_labels_dataset
 from .test_scale import environment, run
 
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -140,12 +139,6 @@ def test_streaming_needs_max_steps_and_report_to_names_the_missing_package(shard
 
 
 # ---------------------------------------------------------------- real processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
