@@ -111,10 +111,11 @@ def na_labeller(cfg: TrainConfig, epoch: int,
                                     high=cfg.pseudo_high, weight=cfg.pseudo_weight)
 
 
-def known_priors(labels: list[list[int | None]], num_labels: int) -> torch.Tensor:
-    """(A,) positive share of the known labels per attribute (0 where none is known)."""
-    counts = label_counts(labels, num_labels)
-    return torch.tensor([p / k if k else 0.0 for p, k in zip(counts.positive, counts.known, strict=True)])
+def selective_priors(data: AttrData, cfg: TrainConfig) -> torch.Tensor | None:
+    """(A,) positive share of the known training labels, which --na-policy selective needs (None otherwise)."""
+    if cfg.na_policy != "selective":
+        return None
+    return torch.tensor(label_counts(data.train["labels"], len(data.label_names)).positive_share)
 
 
 def report_na_labels(labeller: PseudoLabeller | SelectiveNegatives, accelerator: Accelerator) -> None:
@@ -261,7 +262,7 @@ def setup_training(model: AttrClassifier, data: AttrData, cfg: TrainConfig, acce
     return TrainingParts(model, loss_fn, make_optimizer(model, cfg), train_loader, val_loader,
                          train_failures=train_failures, val_failures=val_failures, pos_weight=pos_weight,
                          head_stage=head_stage, ema=make_ema(model, cfg), device_augment=path.augment,
-                         priors=known_priors(data.train["labels"], num_labels))
+                         priors=selective_priors(data, cfg))
 
 
 def prepare_stage(accelerator: Accelerator, parts: TrainingParts, cfg: TrainConfig, stage: str, *,

@@ -345,6 +345,11 @@ class LabelCounts:
         """Known labels (positive + negative) per attribute."""
         return [p + n for p, n in zip(self.positive, self.negative, strict=True)]
 
+    @property
+    def positive_share(self) -> list[float]:
+        """Positives among the known labels per attribute (0 where none is known): its prior."""
+        return [p / k if k else 0.0 for p, k in zip(self.positive, self.known, strict=True)]
+
     def by_attribute(self, label_names: list[str]) -> dict[str, dict[str, int]]:
         """{name: {"positive", "negative", "na"}}: the form of metrics.json's train_counts and validation_counts."""
         return {name: {"positive": p, "negative": n, "na": na}

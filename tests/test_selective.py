@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from attrclf.config import TrainConfig, parse_args
-from attrclf.engine import known_priors, na_labeller
+from attrclf.engine import na_labeller
 from attrclf.errors import AttrclfError
 from attrclf.labels import label_counts, training_counts
 from attrclf.losses import MaskedBCEWithLogits, SelectiveNegatives, apply_na_policy
@@ -56,7 +56,7 @@ def test_the_labeller_is_detached_and_a_nan_probability_stays_na():
 
 def test_priors_count_known_labels_only_and_the_policy_keeps_na_out_of_the_batch():
     labels = [[1, None, 0], [0, None, None], [0, 1, None], [1, 0, None]]
-    assert known_priors(labels, 3).tolist() == pytest.approx([0.5, 0.5, 0.0])
+    assert label_counts(labels, 3).positive_share == pytest.approx([0.5, 0.5, 0.0])
     targets, mask = torch.tensor([[1.0, 0.0]]), torch.tensor([[True, False]])
     assert apply_na_policy(targets, mask, "selective") == (targets, mask)
     assert training_counts(labels, 3, "selective") == label_counts(labels, 3)
