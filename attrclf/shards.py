@@ -31,9 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import AttrclfError
+from .images import IMAGE_SUFFIXES
 
 SHARD_SUFFIXES = (".tar", ".parquet")
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
+IMAGE_EXTENSIONS = tuple(sorted(suffix.lstrip(".") for suffix in IMAGE_SUFFIXES))  # a sample's image member
 RESERVED_COLUMNS = ("image", "image_name", "group", "file_name")
 
 
