@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from .errors import AttrclfError
+from .preemption import leave_stop_signals_to_the_main_process
 from .images import load_image
 from .labels import label_counts
 
@@ -131,6 +132,7 @@ def make_loader(
         collate_fn=functools.partial(collate, keep_failed=not shuffle, channels_last=channels_last),
         generator=generator,
         pin_memory=torch.cuda.is_available(),
+        worker_init_fn=leave_stop_signals_to_the_main_process if num_workers else None,
     )
 
 

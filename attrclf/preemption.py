@@ -51,6 +51,15 @@ class StopRequested(Exception):  # noqa: N818 (not an error: a request the loop 
         self.signum, self.before_fetch, self.checkpoint = signum, before_fetch, checkpoint
 
 
+def leave_stop_signals_to_the_main_process(_worker_id: int = 0) -> None:
+    """A DataLoader worker's init: ignore the stop signals. A terminal's Ctrl-C and a scheduler's SIGTERM reach the
+    whole process group; a worker they killed would make torch report it with a traceback while the main process is
+    still writing its checkpoint. The main process stops the workers itself (the loader's shutdown), and a worker
+    whose main process was killed outright ends on its own (torch's watchdog of the parent)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def signal_name(signum: int) -> str:
     try:
         return signal.Signals(signum).name
