@@ -158,6 +158,11 @@ def na_summary(train_config: dict) -> str:
                 "over known labels only; in the training loss, an NA entry of a rare attribute that the model did "
                 "not find likely counted as a down-weighted negative (`--na-policy selective`, see the training "
                 "procedure).")
+    if policy == "teacher":
+        return ("NA entries never entered the metrics or the threshold search and the positive weights were counted "
+                "over known labels only; in the training loss, each NA entry took the weight average's (a mean "
+                "teacher's) probability as a soft target, weighted by how certain it was (`--na-policy teacher`, "
+                "see the training procedure).")
     return ("NA entries never entered the loss (they are masked out of the mean and the gradients), the metrics or "
             "the threshold search, and the positive weights were counted over known labels only.")
 
@@ -181,6 +186,12 @@ def na_procedure(train_config: dict) -> str:
                 f"the model's probability for it below {train_config.get('selective_likely', 0.5):g}; every other "
                 f"NA entry stayed out of the loss. Validation, the best epoch, the thresholds and every count saw "
                 f"real labels only")
+    if policy == "teacher":
+        return (f"`--na-policy teacher`, a mean teacher (Tarvainen & Valpola, NeurIPS 2017) for the NA entries: in "
+                f"every step the exponential moving average of the weights ran on the same training batch and each "
+                f"NA entry took its probability p as a soft target (corrected for the positive weight), with loss "
+                f"weight {train_config.get('teacher_weight', 0.5):g} x |2p - 1| (known labels 1). Validation, the "
+                f"best epoch, the thresholds and every count saw real labels only")
     if policy == "negative":
         return "`--na-policy negative`: NA counted as absent (0) in the training loss"
     return "`--na-policy ignore`: NA left out of the loss"

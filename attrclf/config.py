@@ -101,7 +101,9 @@ class TrainConfig:
                           "negatives too), 'pseudo' adds the NA entries the model predicts confidently as "
                           "down-weighted pseudo-labels from the first fine-tuning epoch on (see --pseudo-*), "
                           "'selective' counts an NA entry as a down-weighted negative where its attribute is rare "
-                          "and the model does not find it likely, after CSL (see --selective-*). "
+                          "and the model does not find it likely, after CSL (see --selective-*), 'teacher' gives "
+                          "every NA entry the weight average's probability as a soft target, weighted by how sure it "
+                          "is (a mean teacher; needs --ema-decay, see --teacher-weight). "
                           "Validation metrics and threshold tuning always skip NA", "ignore",
                           choices=list(NA_POLICIES))
     pseudo_low: float = _opt("--na-policy pseudo: an NA entry whose probability is at most this becomes a "
@@ -117,6 +119,8 @@ class TrainConfig:
                                    "stays out of the loss, as likely present", 0.5)
     selective_weight: float = _opt("--na-policy selective: loss weight of an NA entry counted as a negative (a known "
                                    "label weighs 1)", 0.5)
+    teacher_weight: float = _opt("--na-policy teacher: loss weight of an NA entry the teacher is certain of (it "
+                                 "falls to 0 as the teacher's probability nears 0.5; a known label weighs 1)", 0.5)
     pos_weight_cap: float = _opt("upper bound of the per-attribute positive weight (negatives / positives)", 50.0)
     geometry: str = _opt("'whole': every image is resized whole to the input size, in training and evaluation "
                          "(nothing is cropped, so a small mark near the border stays in view: the multilabel "
@@ -255,6 +259,11 @@ class TrainConfig:
             raise AttrclfError(f"--na-policy pseudo needs 0 <= --pseudo-low < --pseudo-high <= 1 and 0 < "
                                f"--pseudo-weight <= 1 (got {self.pseudo_low:g}, {self.pseudo_high:g}, "
                                f"{self.pseudo_weight:g})")
+        if self.na_policy == "teacher" and not self.ema_decay:
+            raise AttrclfError("--na-policy teacher needs the weight average that labels the NA entries: drop "
+                               "--ema-decay 0 (or choose another --na-policy)")
+        if not 0 < self.teacher_weight <= 1:
+            raise AttrclfError(f"--teacher-weight must be in (0, 1] (got {self.teacher_weight:g})")
         if not (0 <= self.selective_max_prior <= 1 and 0 < self.selective_likely <= 1
                 and 0 < self.selective_weight <= 1):
             raise AttrclfError(f"--na-policy selective needs --selective-max-prior in [0, 1] and "

@@ -34,7 +34,7 @@ from .ema import make_ema, update_ema
 from .headcache import CachedHeadStage, uses_feature_cache
 from .labels import compute_pos_weight, label_counts, training_counts
 from .loader import DecodeFailures, balanced_sample_weights, make_loader
-from .losses import PseudoLabeller, SelectiveNegatives, apply_na_policy, build_loss
+from .losses import PseudoLabeller, SelectiveNegatives, TeacherTargets, apply_na_policy, build_loss
 from .model import ALL_STAGES, AttrClassifier, AttrConfig
 from .optim import current_lrs, lr_factor, make_optimizer, set_lrs, stage_at
 from .outputs import check_space, sweep, writing
@@ -97,11 +97,15 @@ def training_batch(cfg: TrainConfig, augment=None):
     return prepare
 
 
-def na_labeller(cfg: TrainConfig, epoch: int,
-                priors: torch.Tensor | None = None) -> PseudoLabeller | SelectiveNegatives | None:
+def na_labeller(cfg: TrainConfig, epoch: int, priors: torch.Tensor | None = None,
+                pos_weight: torch.Tensor | None = None) -> PseudoLabeller | SelectiveNegatives | TeacherTargets | None:
     """The labeller of NA entries for `epoch` (0-based), called after the forward pass; None under "ignore" and
     "negative". "pseudo": its thresholds on the curriculum over the fine-tuning epochs, none in the head stage (the
-    head's first guesses are poor). "selective": every epoch, with the training split's priors."""
+    head's first guesses are poor). "selective": every epoch, with the training split's priors. "teacher": every
+    epoch (the weight average starts as the pretrained model plus the first head steps and follows from there), its
+    targets corrected for the loss's `pos_weight`."""
+    if cfg.na_policy == "teacher":
+        return TeacherTargets(weight=cfg.teacher_weight, pos_weight=pos_weight)
     if cfg.na_policy == "selective":
         return SelectiveNegatives(priors, max_prior=cfg.selective_max_prior, likely=cfg.selective_likely,
                                   weight=cfg.selective_weight)
@@ -118,8 +122,15 @@ def selective_priors(data: AttrData, cfg: TrainConfig) -> torch.Tensor | None:
     return torch.tensor(label_counts(data.train["labels"], len(data.label_names)).positive_share)
 
 
-def report_na_labels(labeller: PseudoLabeller | SelectiveNegatives, accelerator: Accelerator) -> None:
+def report_na_labels(labeller: PseudoLabeller | SelectiveNegatives | TeacherTargets, accelerator: Accelerator) -> None:
     """The epoch's counts of labelled NA entries over every process, in one log line."""
+    if isinstance(labeller, TeacherTargets):
+        labelled, confidence = accelerator.reduce(
+            torch.tensor([float(labeller.labelled), labeller.confidence], device=accelerator.device),
+            reduction="sum").tolist()
+        accelerator.print(f"  teacher NA this epoch: {int(labelled)} soft target(s), mean certainty "
+                          f"{confidence / max(labelled, 1):.3f} (weight {labeller.weight:g} x certainty)")
+        return
     if isinstance(labeller, SelectiveNegatives):
         counts = accelerator.reduce(torch.tensor([labeller.negatives, labeller.ignored], device=accelerator.device),
                                     reduction="sum").tolist()
@@ -143,7 +154,7 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, accelerator: Accelerat
     (attrclf.preemption)."""
     model.train()
     prepare = training_batch(cfg, augment)
-    pseudo = na_labeller(cfg, epoch, priors)
+    pseudo = na_labeller(cfg, epoch, priors, getattr(loss_fn, "pos_weight", None))
     steps_per_epoch = len(loader)
     done = [loss for loss, e in zip(state.history.iterations.loss, state.history.iterations.epoch, strict=True)
             if e == epoch + 1]  # trained before a mid-epoch checkpoint
@@ -155,8 +166,9 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, accelerator: Accelerat
         set_lrs(optimizer, cfg, lr_factor(state.step, steps_per_epoch, cfg))
         logits = model(pixel_values)
         weight = None
-        if pseudo is not None:  # NA entries the model's output decides on join the loss, weighted
-            targets, mask, weight = pseudo(logits, targets, mask)
+        if pseudo is not None:  # NA entries the model's output (or the teacher's) decides on join the loss, weighted
+            source = teacher_logits(ema, pixel_values, accelerator) if cfg.na_policy == "teacher" else logits
+            targets, mask, weight = pseudo(source, targets, mask)
         loss = loss_fn(logits, targets, mask, weight)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
@@ -175,6 +187,14 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, accelerator: Accelerat
     if pseudo is not None:
         report_na_labels(pseudo, accelerator)
     return total / max(count, 1)
+
+
+@torch.no_grad()
+def teacher_logits(ema, pixel_values: torch.Tensor, accelerator: Accelerator) -> torch.Tensor:
+    """The weight average's logits for a training batch (--na-policy teacher), in eval mode (running BatchNorm
+    statistics, no dropout: the teacher's best guess)."""
+    with accelerator.autocast():
+        return ema.module(pixel_values).float()
 
 
 @torch.no_grad()

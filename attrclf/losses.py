@@ -7,8 +7,9 @@ less than the known labels, which weigh 1). pos_weight (A,) multiplies the posit
 loss. ASL and focal loss already rebalance easy negatives, so with them you may want `--pos-weight-cap 1` (every
 pos_weight 1). The NA policy decides, for training batches only, whether NA stays out of the loss ("ignore"), counts
 as a negative ("negative", `apply_na_policy`), is pseudo-labelled where the model is confident ("pseudo",
-`PseudoLabeller`, after the forward pass), or counts as a down-weighted negative where the attribute is rare and the
-model does not find it likely ("selective", `SelectiveNegatives`, after the forward pass).
+`PseudoLabeller`, after the forward pass), counts as a down-weighted negative where the attribute is rare and the
+model does not find it likely ("selective", `SelectiveNegatives`, after the forward pass), or takes the weight
+average's probability as a soft target ("teacher", `TeacherTargets`, a mean teacher).
 """
 
 from dataclasses import dataclass
@@ -19,19 +20,19 @@ from torch import nn
 
 from .errors import AttrclfError
 
-# what training does with NA: leave it out of the loss, call it 0, pseudo-label the confident ones, or call it a
-# weighted 0 where the attribute is rare and the model finds it unlikely
-NA_POLICIES = ("ignore", "negative", "pseudo", "selective")
+# what training does with NA: leave it out of the loss, call it 0, pseudo-label the confident ones, call it a
+# weighted 0 where the attribute is rare and the model finds it unlikely, or let the weight average label it softly
+NA_POLICIES = ("ignore", "negative", "pseudo", "selective", "teacher")
 
 
 def apply_na_policy(targets: torch.Tensor, mask: torch.Tensor, policy: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Training targets and mask under --na-policy: "ignore" leaves NA out of the loss; "negative" counts it as 0;
-    "pseudo" and "selective" leave it out here, as "ignore" does (their labels need the model's output: see
-    PseudoLabeller and SelectiveNegatives).
+    "pseudo", "selective" and "teacher" leave it out here, as "ignore" does (their labels need a model's output: see
+    PseudoLabeller, SelectiveNegatives and TeacherTargets).
 
     Only training batches go through this: validation metrics and threshold tuning always skip NA.
     """
-    if policy in ("ignore", "pseudo", "selective"):
+    if policy in ("ignore", "pseudo", "selective", "teacher"):
         return targets, mask
     if policy == "negative":
         return torch.where(mask, targets, torch.zeros_like(targets)), torch.ones_like(mask)
@@ -272,6 +273,56 @@ class SelectiveNegatives:
         self.negatives += int(negative.sum())
         self.ignored += int((~mask).sum()) - int(negative.sum())
         return targets, mask | negative, weight
+
+
+# ---------------------------------------------------------------- --na-policy teacher
+
+
+@dataclass
+class TeacherTargets:
+    """Soft targets for NA entries from a mean teacher (Tarvainen & Valpola, NeurIPS 2017, "Mean teachers are better
+    role models"): the exponential moving average of the weights (attrclf.ema), run on the same training batch,
+    labels what the annotation left open, and the student learns to agree with it there.
+
+    In a training step, every NA entry joins the loss with the teacher's probability p as its target and the weight
+    `weight` * |2p - 1|: a confident teacher counts, an undecided one (p near 0.5) adds almost nothing. Soft targets,
+    not thresholded ones: the teacher's calibration, not a cut-off, says how sure it is. Known entries never change
+    and always weigh 1; training batches only (validation, the best epoch, the thresholds and the label counts see
+    the real labels). The teacher is an average of past students, so it changes slowly and does not chase the
+    student's own mistakes, the failure of a model labelling for itself.
+
+    With `pos_weight` w (the loss's, which multiplies the positive term), the target is p / (p + w (1 - p)): the
+    weighted BCE is smallest where the student outputs p itself. Without it, the student would learn w p / (w p +
+    1 - p) > p there, the teacher would follow, and every NA entry would drift towards positive.
+
+    Attributes:
+        weight: Loss weight of an NA entry whose teacher probability is 0 or 1 (a known label weighs 1).
+        pos_weight: (A,) the loss's positive weights, or None.
+        labelled: NA entries given a soft target so far (this process).
+        confidence: Sum of their |2p - 1| so far (this process), for the log's mean confidence.
+    """
+
+    weight: float
+    pos_weight: torch.Tensor | None = None
+    labelled: int = 0
+    confidence: float = 0.0
+
+    def __call__(self, teacher_logits: torch.Tensor, targets: torch.Tensor,
+                 mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, A) teacher logits, targets and bool mask -> targets, mask and per-entry weight with the NA entries
+        softly labelled. A NaN teacher probability stays NA."""
+        probs = torch.sigmoid(teacher_logits.detach().float())
+        labelled = ~mask & torch.isfinite(probs)
+        certainty = (2 * probs - 1).abs()
+        soft = probs
+        if self.pos_weight is not None:
+            w = self.pos_weight.to(probs.device).float().unsqueeze(0)
+            soft = probs / (probs + w * (1 - probs)).clamp(min=1e-12)
+        targets = torch.where(labelled, soft.to(targets.dtype), targets)
+        weight = torch.where(labelled, self.weight * certainty, torch.ones_like(probs))
+        self.labelled += int(labelled.sum())
+        self.confidence += float(torch.where(labelled, certainty, torch.zeros_like(certainty)).sum())
+        return targets, mask | labelled, weight
 
 
 LOSSES = {"bce": MaskedBCEWithLogits, "asl": AsymmetricLoss, "focal": FocalLoss}

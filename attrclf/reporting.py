@@ -16,8 +16,9 @@ metrics.json, written by `write_outputs` from `finalize`'s dict:
                          reason}]: unreadable before training), decode_failures (a count) and decode_failed_images
                          ({name: epochs it failed to decode in}: images that passed the check but broke in training)
     pos_weight           {name: the loss's positive weight}
-    na_policy            {"policy": ignore | negative | pseudo | selective, and for pseudo its pseudo_low,
-                         pseudo_high, pseudo_weight, for selective its selective_max_prior, _likely, _weight}:
+    na_policy            {"policy": ignore | negative | pseudo | selective | teacher, and for pseudo its pseudo_low,
+                         pseudo_high, pseudo_weight, for selective its selective_max_prior, _likely, _weight, for
+                         teacher its teacher_weight}:
                          what the training loss did with NA (validation and these counts: real labels)
     thresholds_note      how the thresholds were chosen and which F1 is honest
 """
@@ -97,13 +98,15 @@ def finalize(model: AttrClassifier, result: FitResult, data: AttrData, cfg: Trai
 
 
 def na_policy_record(cfg: TrainConfig) -> dict:
-    """metrics.json's "na_policy": the policy, with its settings when it is "pseudo" or "selective"."""
+    """metrics.json's "na_policy": the policy, with its settings when it is "pseudo", "selective" or "teacher"."""
     if cfg.na_policy == "pseudo":
         return {"policy": "pseudo", "pseudo_low": cfg.pseudo_low, "pseudo_high": cfg.pseudo_high,
                 "pseudo_weight": cfg.pseudo_weight}
     if cfg.na_policy == "selective":
         return {"policy": "selective", "selective_max_prior": cfg.selective_max_prior,
                 "selective_likely": cfg.selective_likely, "selective_weight": cfg.selective_weight}
+    if cfg.na_policy == "teacher":
+        return {"policy": "teacher", "teacher_weight": cfg.teacher_weight}
     return {"policy": cfg.na_policy}
 
 
