@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from .errors import AttrclfError
-from .preemption import leave_stop_signals_to_the_main_process
 from .images import load_image
 from .labels import label_counts
+from .preemption import leave_stop_signals_to_the_main_process
 
 if TYPE_CHECKING:
     from datasets import Dataset
