@@ -16,6 +16,10 @@ its labels and the image itself (path, size and modification time of a file; a h
 image or labels file rebuilds the cache (in place: the source key covers the image names only). With a valid cache
 no image is decoded before training: the index already lists the unreadable ones (`images.drop_unreadable` is not run).
 
+Several runs may share one cache root (jobs side by side on a machine, a sweep over seeds): a folder is built under a
+file lock beside it (`.<folder>.lock`, filelock), and whoever gets the lock reads the index again first, so the second
+run reuses what the first built instead of decoding again and replacing the folder under the first one's readers.
+
 Layout: "whole" geometry stores each image squashed to the input size, which is exactly the pixels its train and eval
 transforms start from; "crop" stores it squashed to the eval resize (input / crop_pct, e.g. 256 for 224) and keeps the
 original size, so crop boxes are drawn in original pixels and mapped onto the stored ones (an elongated image keeps
@@ -36,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 from PIL import Image
 
 from .errors import AttrclfError
@@ -246,7 +251,12 @@ class DecodeCache:
             built = index is None
             if built:
                 try:
-                    index = build_cache(folder, splits, self.layout, fingerprint)
+                    folder.parent.mkdir(parents=True, exist_ok=True)
+                    with FileLock(folder.parent / f".{folder.name}.lock"):  # another run may be building it
+                        index = read_index(folder, fingerprint)
+                        built = index is None
+                        if built:
+                            index = build_cache(folder, splits, self.layout, fingerprint)
                 except OSError as e:
                     raise AttrclfError(f"--cache-dir '{self.root}': cannot write the decoded-image cache "
                                        f"({e.strerror or e}); choose another folder or pass --no-decode-cache") from e

@@ -3,6 +3,7 @@ a second run reuses it without decoding, and training with the cache gives the s
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -78,6 +79,38 @@ def test_second_open_reuses_without_decoding(tmp_path, dataset, monkeypatch):
     assert [s["image"] for s in data.skipped] == ["p7.png"]  # still reported, from the index
 
 
+def test_two_runs_opening_one_cache_at_once_build_it_once(tmp_path, dataset, monkeypatch):
+    """Two runs on one --cache-dir at the same moment (a seed sweep with --jobs 2): one builds under the folder's lock,
+    the other waits and reuses it; before the lock, the second rebuild replaced the folder under the first run."""
+    import threading
+
+    from attrclf import decodecache
+
+    slow = decodecache.decode_resized
+
+    def slow_decode(*args):
+        time.sleep(0.02)  # both runs are inside the build at once without the lock
+        return slow(*args)
+
+    monkeypatch.setattr(decodecache, "decode_resized", slow_decode)
+    logs, results, start = [], [], threading.Barrier(2)
+
+    def run():
+        start.wait()
+        results.append(prepare_data(dataset, decode_cache=cache_for(tmp_path, logs)[0]))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(line.split()[2] for line in logs) == ["built", "reused"]
+    for data in results:
+        row = data.train[0]
+        fresh = images.load_image(row["image"]).resize((32, 32), Image.Resampling.BILINEAR)
+        assert np.array_equal(data.decoded.pixels(row["cache_row"]), np.asarray(fresh))
+
+
 def test_a_changed_image_or_labels_file_rebuilds(tmp_path, dataset):
     logs = []
     first = prepare_data(dataset, decode_cache=cache_for(tmp_path, logs)[0])
@@ -95,7 +128,7 @@ def test_a_changed_image_or_labels_file_rebuilds(tmp_path, dataset):
     assert logs[2].startswith("decoded-image cache: built")
     prepare_data(dataset, decode_cache=cache_for(tmp_path, logs, size=24)[0])  # another size: another cache
     assert logs[3].startswith("decoded-image cache: built") and "24x24" in logs[3]
-    assert len(list((tmp_path / "cache").iterdir())) == 2
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 2
 
 
 def test_a_broken_cache_folder_is_rebuilt(tmp_path, dataset):
