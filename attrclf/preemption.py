@@ -52,12 +52,30 @@ class StopRequested(Exception):  # noqa: N818 (not an error: a request the loop 
 
 
 def leave_stop_signals_to_the_main_process(_worker_id: int = 0) -> None:
-    """A DataLoader worker's init: ignore the stop signals. A terminal's Ctrl-C and a scheduler's SIGTERM reach the
-    whole process group; a worker they killed would make torch report it with a traceback while the main process is
-    still writing its checkpoint. The main process stops the workers itself (the loader's shutdown), and a worker
-    whose main process was killed outright ends on its own (torch's watchdog of the parent)."""
-    for signum in STOP_SIGNALS:
+    """A DataLoader worker's init: stop signals sent to the whole process group are the main process's to act on.
+
+    A terminal's Ctrl-C and a scheduler's SIGTERM reach every process of the group; a worker they killed would make
+    torch report it with a traceback while the main process is still writing its checkpoint. So the worker ignores
+    SIGINT and SIGHUP, and takes SIGTERM only from its parent: the main process ends a worker that way when it
+    shuts the loader down (torch's own rule, which this keeps). SIGTERM is blocked in the worker and a thread
+    reads each one with its sender (sigwaitinfo): from the parent the worker exits at once; from anyone else it
+    is dropped. (Ignoring SIGTERM outright would hang a main process that exits on an error: multiprocessing's
+    exit handler terminates its daemonic workers and waits for them.) A worker whose main process was killed
+    outright ends on its own (torch's watchdog of the parent)."""
+    for signum in (signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # not POSIX: nothing to read the sender with
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_sigterm_from_parent_only, daemon=True, name="attrclf-worker-sigterm").start()
+
+
+def _sigterm_from_parent_only() -> None:
+    parent = os.getppid()
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid == parent or os.getppid() != parent:
+            os._exit(0)
 
 
 def signal_name(signum: int) -> str:

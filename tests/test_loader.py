@@ -1,5 +1,9 @@
 """attrclf.loader: batches of (pixel_values, targets, mask), decode failures, and the balanced sampler."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +13,8 @@ from datasets import Dataset
 from attrclf.errors import AttrclfError
 from attrclf.loader import BatchTransform, DecodeFailures, balanced_sample_weights, collate, make_loader
 from attrclf.sources import load_source
+
+from .conftest import REPO
 
 
 def test_collate_builds_targets_and_mask():
@@ -95,3 +101,45 @@ def test_balanced_sampler_is_sharded_by_accelerate_without_overlap():
     # each process gets every other batch of the same draw: together exactly the one-process epoch
     assert len(ranks[0]) == len(ranks[1]) == 5
     assert [batch for pair in zip(*ranks, strict=True) for batch in pair] == whole
+
+
+WORKER_SCRIPT = """
+import os, subprocess, sys, time
+import torch
+from attrclf.preemption import leave_stop_signals_to_the_main_process
+
+class Items(torch.utils.data.Dataset):
+    def __len__(self):
+        return 400
+
+    def __getitem__(self, i):
+        if sys.argv[1] == "fail" and i == 3:
+            raise FileNotFoundError("an image that went away")
+        time.sleep(0.01)
+        return torch.zeros(2)
+
+loader = torch.utils.data.DataLoader(Items(), batch_size=2, num_workers=1,
+                                     worker_init_fn=leave_stop_signals_to_the_main_process)
+for n, batch in enumerate(loader):
+    if n == 5 and sys.argv[1] == "signal":
+        kill = f"import os, signal; os.killpg({os.getpgid(0)}, signal.SIGTERM)"
+        subprocess.run([sys.executable, "-c", kill])  # as a scheduler does: the whole group, from outside
+print("done", n)
+"""
+
+
+@pytest.mark.parametrize("case", ["signal", "fail"])
+def test_loader_workers_leave_group_signals_to_the_main_process_and_still_end(tmp_path, case):
+    """SIGTERM to the process group: the worker is not killed (torch would print a "worker killed by signal"
+    traceback), the main process decides (here: it ignores it and finishes the epoch). A worker error: the main
+    process ends at once; a worker ignoring SIGTERM outright made multiprocessing's exit handler wait forever."""
+    script = tmp_path / "workers.py"
+    preamble = "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if case == "signal" else ""
+    script.write_text(preamble + WORKER_SCRIPT)
+    result = subprocess.run([sys.executable, str(script), case], capture_output=True, text=True, timeout=60,
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+    if case == "signal":
+        assert result.returncode == 0 and result.stdout.strip() == "done 199", result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+    else:
+        assert result.returncode == 1 and "FileNotFoundError: an image that went away" in result.stderr
