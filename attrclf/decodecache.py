@@ -11,9 +11,10 @@ Python conversion (benchmarks/README.md, "decoded-image cache" measures both).
 A cache folder, CACHE_ROOT/<source key>-<H>x<W>-<interpolation>/, holds `pixels-00000.npy`, ... (the rows),
 `sizes.npy` ((N, 2) int32: each image's width and height before the resize, which the random resized crop needs) and
 `index.json` (fingerprint, layout, rows per split, the images that failed to decode with their reasons), written last:
-a folder without a matching index is rebuilt. The fingerprint covers the attribute names, and per row the image name,
-its labels and the image itself (path, size and modification time of a file; a hash of embedded bytes), so a changed
-image or labels file rebuilds the cache (in place: the source key covers the image names only). With a valid cache
+a folder without a matching index is rebuilt. The fingerprint covers, per row, the image name and the image itself
+(path, size and modification time of a file; a hash of embedded bytes), so a changed image rebuilds the cache (in
+place: the source key covers the image names only). Labels are not in it: the pixels do not depend on them, so runs
+that differ only in their labels (a labels file edited, labels hidden for a benchmark) share one cache. With a valid cache
 no image is decoded before training: the index already lists the unreadable ones (`images.drop_unreadable` is not run).
 
 Several runs may share one cache root (jobs side by side on a machine, a sweep over seeds): a folder is built under a
@@ -109,18 +110,18 @@ def image_identity(source: dict) -> list:
     return ["path", str(path), stat.st_size, stat.st_mtime_ns]
 
 
-def source_fingerprints(splits: dict, label_names: list[str], layout: CacheLayout) -> tuple[str, str]:
+def source_fingerprints(splits: dict, layout: CacheLayout) -> tuple[str, str]:
     """(source key, fingerprint): sha256 of the image names per split (which cache folder), and of everything the
-    cached rows depend on: version, layout, attribute names, and per row its name, labels and image identity."""
+    cached rows depend on: version, layout, and per row its name and image identity."""
     key = hashlib.sha256(f"attrclf-decoded-v{CACHE_VERSION}".encode())
-    full = hashlib.sha256(json.dumps([CACHE_VERSION, asdict(layout), label_names]).encode())
+    full = hashlib.sha256(json.dumps([CACHE_VERSION, asdict(layout)]).encode())
     for name in sorted(splits):
         key.update(f"\0split {name}\0".encode())
         full.update(f"\0split {name}\0".encode())
-        for batch in splits[name].select_columns(["image", "image_name", "labels"]).iter(batch_size=1024):
-            for image, image_name, labels in zip(batch["image"], batch["image_name"], batch["labels"], strict=True):
+        for batch in splits[name].select_columns(["image", "image_name"]).iter(batch_size=1024):
+            for image, image_name in zip(batch["image"], batch["image_name"], strict=True):
                 key.update(image_name.encode() + b"\0")
-                full.update(json.dumps([image_name, labels, image_identity(image)]).encode())
+                full.update(json.dumps([image_name, image_identity(image)]).encode())
     return key.hexdigest(), full.hexdigest()
 
 
@@ -241,9 +242,9 @@ class DecodeCache:
     main_process_first: object = nullcontext
     log: object = print
 
-    def open(self, splits: dict, label_names: list[str]) -> DecodedImages:
+    def open(self, splits: dict) -> DecodedImages:
         """The cache of these splits: reused when its index matches the fingerprint, else (re)built."""
-        key, fingerprint = source_fingerprints(splits, label_names, self.layout)
+        key, fingerprint = source_fingerprints(splits, self.layout)
         folder = Path(self.root) / f"{key[:20]}-{self.layout.name()}"
         with self.main_process_first():
             start = time.perf_counter()
@@ -267,10 +268,10 @@ class DecodeCache:
                  f"{time.perf_counter() - start:.1f}s)")
         return decoded
 
-    def attach(self, splits: dict, label_names: list[str]) -> tuple[dict, list[dict], DecodedImages]:
+    def attach(self, splits: dict) -> tuple[dict, list[dict], DecodedImages]:
         """(splits with a `cache_row` column and the unreadable rows dropped, the dropped ones as
         drop_unreadable reports them, the opened cache)."""
-        decoded = self.open(splits, label_names)
+        decoded = self.open(splits)
         failed = {(item["split"], item["row"]) for item in decoded.index["failed"]}
         out, offset = {}, 0
         for name in sorted(splits):

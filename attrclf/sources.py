@@ -369,7 +369,7 @@ def prepare_data(
     splits, label_names = dict(source.splits), source.label_names
     skipped, decoded = [], None
     if decode_cache is not None:
-        splits, skipped, decoded = decode_cache.attach(splits, label_names)
+        splits, skipped, decoded = decode_cache.attach(splits)
     for name in list(splits) if decode_cache is None else []:
         splits[name], bad = drop_unreadable(splits[name])
         skipped += bad

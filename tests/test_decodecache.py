@@ -111,7 +111,7 @@ def test_two_runs_opening_one_cache_at_once_build_it_once(tmp_path, dataset, mon
         assert np.array_equal(data.decoded.pixels(row["cache_row"]), np.asarray(fresh))
 
 
-def test_a_changed_image_or_labels_file_rebuilds(tmp_path, dataset):
+def test_a_changed_image_rebuilds_and_a_changed_label_reuses(tmp_path, dataset):
     logs = []
     first = prepare_data(dataset, decode_cache=cache_for(tmp_path, logs)[0])
     folder = first.decoded.folder
@@ -124,8 +124,11 @@ def test_a_changed_image_or_labels_file_rebuilds(tmp_path, dataset):
     assert (second.decoded.pixels(row["cache_row"]) == (0, 255, 0)).all()
     labels = (dataset / "labels.txt").read_text().replace("p0.png 0 1", "p0.png 1 1")
     (dataset / "labels.txt").write_text(labels)
-    prepare_data(dataset, decode_cache=cache_for(tmp_path, logs)[0])
-    assert logs[2].startswith("decoded-image cache: built")
+    relabelled = prepare_data(dataset, decode_cache=cache_for(tmp_path, logs)[0])
+    assert logs[2].startswith("decoded-image cache: reused")  # the pixels do not depend on the labels
+    row = [r for r in relabelled.train if r["image_name"] == "p0.png"] or \
+        [r for r in relabelled.validation if r["image_name"] == "p0.png"]
+    assert row[0]["labels"] == [1, 1]
     prepare_data(dataset, decode_cache=cache_for(tmp_path, logs, size=24)[0])  # another size: another cache
     assert logs[3].startswith("decoded-image cache: built") and "24x24" in logs[3]
     assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 2
