@@ -14,8 +14,9 @@ A cache folder, CACHE_ROOT/<source key>-<H>x<W>-<interpolation>/, holds `pixels-
 a folder without a matching index is rebuilt. The fingerprint covers, per row, the image name and the image itself
 (path, size and modification time of a file; a hash of embedded bytes), so a changed image rebuilds the cache (in
 place: the source key covers the image names only). Labels are not in it: the pixels do not depend on them, so runs
-that differ only in their labels (a labels file edited, labels hidden for a benchmark) share one cache. With a valid cache
-no image is decoded before training: the index already lists the unreadable ones (`images.drop_unreadable` is not run).
+that differ only in their labels (a labels file edited, labels hidden for a benchmark) share one cache. With a valid
+cache no image is decoded before training: the index already lists the unreadable ones (`images.drop_unreadable` is
+not run).
 
 Several runs may share one cache root (jobs side by side on a machine, a sweep over seeds): a folder is built under a
 file lock beside it (`.<folder>.lock`, filelock), and whoever gets the lock reads the index again first, so the second
