@@ -147,6 +147,9 @@ class TrainConfig:
     switch_warmup: float = _opt("epochs over which both learning rates rise linearly from 0 after the switch to "
                                 "fine-tuning, so the freshly unfrozen stage does not knock the trained head off its "
                                 "features (0 = none)", 1.0)
+    switch_warmup_head: bool = _opt("the head's learning rate warms up after the switch too; --no-switch-warmup-head "
+                                    "warms up only the unfrozen backbone stages and lets the head, trained already, "
+                                    "keep its schedule", True)
     freeze_bn_stats: bool = _opt("keep every BatchNorm's running statistics at their pretrained values while its "
                                  "stage fine-tunes (the weights still train); the statistics otherwise move towards "
                                  "the new data and the head meets shifted features after the switch", False)

@@ -163,7 +163,8 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, accelerator: Accelerat
     before_fetch = RandomState.capture()  # what a mid-epoch checkpoint needs to draw the same next batch (Replay)
     for batch in (replay.skip(bar) if replay else bar):
         pixel_values, targets, mask = prepare(*batch)
-        set_lrs(optimizer, cfg, lr_factor(state.step, steps_per_epoch, cfg))
+        set_lrs(optimizer, cfg, lr_factor(state.step, steps_per_epoch, cfg),
+                lr_factor(state.step, steps_per_epoch, cfg, part="head"))
         logits = model(pixel_values)
         weight = None
         if pseudo is not None:  # NA entries the model's output (or the teacher's) decides on join the loss, weighted

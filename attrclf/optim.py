@@ -37,11 +37,13 @@ def stage_at(epoch: int, cfg: TrainConfig) -> str:
     return "finetune"
 
 
-def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
+def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig, part: str = "backbone") -> float:
     """Constant through the head stage; then, from the switch to fine-tuning, a cosine from 1 to 0.05 over the
     fine-tuning epochs, multiplied for its first --switch-warmup epochs by a linear ramp from 1/warm-up steps to 1.
 
-    `step` counts the optimiser steps done before this one; a run from scratch (no head stage) warms up too.
+    `part` "head" skips the ramp with --no-switch-warmup-head (the head, trained already, keeps its schedule while the
+    unfrozen backbone stages warm up). `step` counts the optimiser steps done before this one; a run from scratch
+    (no head stage) warms up too.
     """
     start = cfg.head_epochs * steps_per_epoch
     if step < start or cfg.unfreeze == 0:
@@ -50,15 +52,21 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     progress = min(1.0, (step - start) / span)
     cosine = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
     warmup_steps = cfg.switch_warmup * steps_per_epoch
+    if part == "head" and not cfg.switch_warmup_head:
+        return cosine
     if step - start < warmup_steps:
         return cosine * (step - start + 1) / warmup_steps
     return cosine
 
 
-def set_lrs(optimizer: torch.optim.Optimizer, cfg: TrainConfig, factor: float) -> None:
-    """Each parameter group's base lr (head: --lr, backbone: --lr-finetune) times the schedule's factor."""
+def set_lrs(optimizer: torch.optim.Optimizer, cfg: TrainConfig, factor: float, head_factor: float | None = None) -> None:
+    """Each parameter group's base lr (head: --lr, backbone: --lr-finetune) times the schedule's factor (the head's
+    own `head_factor` when given)."""
     for group in optimizer.param_groups:
-        group["lr"] = (cfg.lr if group["part"] == "head" else cfg.lr_finetune) * factor
+        if group["part"] == "head":
+            group["lr"] = cfg.lr * (factor if head_factor is None else head_factor)
+        else:
+            group["lr"] = cfg.lr_finetune * factor
 
 
 def current_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:

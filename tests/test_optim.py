@@ -48,3 +48,16 @@ def test_set_lrs_scales_each_parts_base_rate():
     optimizer = torch.optim.AdamW([{"params": [head], "part": "head"}, {"params": [backbone], "part": "backbone"}])
     set_lrs(optimizer, config(), 0.5)
     assert current_lrs(optimizer) == pytest.approx({"head": 5e-3, "backbone": 5e-5})
+
+
+def test_no_switch_warmup_head_warms_up_only_the_backbone():
+    cfg = config(head_epochs=2, epochs=6, switch_warmup=1.0, switch_warmup_head=False)
+    cosine = [0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * k / 40)) for k in range(41)]
+    assert lr_factor(20, 10, cfg) == pytest.approx(cosine[0] / 10)  # the backbone ramps from 1/10
+    assert lr_factor(20, 10, cfg, part="head") == pytest.approx(cosine[0])  # the head keeps its schedule
+    assert lr_factor(24, 10, cfg, part="head") == pytest.approx(cosine[4])
+    assert lr_factor(5, 10, cfg, part="head") == 1.0  # the head stage: constant
+    optimizer = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "lr": 1.0, "part": "head"},
+                                 {"params": [torch.zeros(1, requires_grad=True)], "lr": 1.0, "part": "backbone"}])
+    set_lrs(optimizer, cfg, 0.1, 0.9)
+    assert current_lrs(optimizer) == pytest.approx({"head": cfg.lr * 0.9, "backbone": cfg.lr_finetune * 0.1})
