@@ -59,7 +59,8 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig, part: str = "ba
     return cosine
 
 
-def set_lrs(optimizer: torch.optim.Optimizer, cfg: TrainConfig, factor: float, head_factor: float | None = None) -> None:
+def set_lrs(optimizer: torch.optim.Optimizer, cfg: TrainConfig, factor: float,
+            head_factor: float | None = None) -> None:
     """Each parameter group's base lr (head: --lr, backbone: --lr-finetune) times the schedule's factor (the head's
     own `head_factor` when given)."""
     for group in optimizer.param_groups:
