@@ -185,18 +185,28 @@ def run(tiny_data, output_dir, monkeypatch, **changes):
     return data, model, result, metrics, labellers
 
 
+def assert_validation_saw_real_labels(data, result, output_dir=None):
+    """The best epoch's validation output is the dataset's (its mask the known mask, its targets the real ones) and,
+    with `output_dir`, metrics.json's validation counts are the real labels'; returns (real targets, real mask)."""
+    real_mask = np.array([[v is not None for v in row] for row in data.validation["labels"]])
+    real_targets = np.array([[v or 0 for v in row] for row in data.validation["labels"]], dtype=np.float32)
+    assert (~real_mask).any()  # attribute c has NA in validation
+    np.testing.assert_array_equal(result.best.mask, real_mask)
+    np.testing.assert_array_equal(result.best.targets[real_mask], real_targets[real_mask])
+    if output_dir is not None:
+        saved = json.loads((output_dir / "metrics.json").read_text())
+        assert saved["data"]["validation_counts"] == label_counts(data.validation["labels"], 3).by_attribute(
+            data.label_names)
+    return real_targets, real_mask
+
+
 def test_pseudo_labels_never_reach_validation_thresholds_or_counts(tmp_path, tiny_data, monkeypatch):
     # --pseudo-low 0.98: in the last fine-tuning epoch nearly every NA entry of a training batch is a pseudo-label
     data, model, result, metrics, labellers = run(tiny_data, tmp_path / "pseudo", monkeypatch, na_policy="pseudo",
                                                   pseudo_low=0.98, pseudo_high=0.99)
     # one labeller per fine-tuning epoch (the head epoch trains on cached features, with NA left out)
     assert len(labellers) == 2 and labellers[-1].negatives + labellers[-1].positives > 0
-    real_mask = np.array([[v is not None for v in row] for row in data.validation["labels"]])
-    real_targets = np.array([[v or 0 for v in row] for row in data.validation["labels"]], dtype=np.float32)
-    assert (~real_mask).any()  # attribute c has NA in validation
-    # the best epoch's validation output is the dataset's: its mask is the known mask, its targets the real ones
-    np.testing.assert_array_equal(result.best.mask, real_mask)
-    np.testing.assert_array_equal(result.best.targets[real_mask], real_targets[real_mask])
+    real_targets, real_mask = assert_validation_saw_real_labels(data, result)
     # thresholds and mAP: what the real labels give on a fresh pass of the saved weights
     loader = make_loader(data.validation, eval_transform(model.config), 8, False)
     fresh = evaluate(model, loader, engine.build_loss("bce"), Accelerator(cpu=True))

@@ -4,7 +4,6 @@ probability decide), their weight in the loss, and that validation, thresholds a
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -14,7 +13,7 @@ from attrclf.errors import AttrclfError
 from attrclf.labels import label_counts, training_counts
 from attrclf.losses import MaskedBCEWithLogits, SelectiveNegatives, apply_na_policy
 
-from .test_pseudo_labels import bce, run
+from .test_pseudo_labels import assert_validation_saw_real_labels, bce, run
 
 
 def hand_batch():
@@ -84,14 +83,8 @@ def test_selective_negatives_never_reach_validation_thresholds_or_counts(tmp_pat
         tiny_data, tmp_path / "selective", monkeypatch, na_policy="selective", selective_max_prior=1.0,
         selective_likely=1.0, head_feature_cache=False)
     assert len(labellers) == 3 and all(labeller.negatives > 0 for labeller in labellers)
-    real_mask = np.array([[v is not None for v in row] for row in data.validation["labels"]])
-    real_targets = np.array([[v or 0 for v in row] for row in data.validation["labels"]], dtype=np.float32)
-    assert (~real_mask).any()
-    np.testing.assert_array_equal(result.best.mask, real_mask)
-    np.testing.assert_array_equal(result.best.targets[real_mask], real_targets[real_mask])
+    assert_validation_saw_real_labels(data, result, tmp_path / "selective")
     saved = json.loads((tmp_path / "selective" / "metrics.json").read_text())
-    assert saved["data"]["validation_counts"] == label_counts(data.validation["labels"], 3).by_attribute(
-        data.label_names)
     assert saved["na_policy"] == {"policy": "selective", "selective_max_prior": 1.0, "selective_likely": 1.0,
                                   "selective_weight": 0.5}
     card = (tmp_path / "selective" / "README.md").read_text()

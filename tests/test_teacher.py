@@ -11,10 +11,9 @@ import torch
 from attrclf.config import TrainConfig, parse_args
 from attrclf.engine import na_labeller
 from attrclf.errors import AttrclfError
-from attrclf.labels import label_counts
 from attrclf.losses import MaskedBCEWithLogits, TeacherTargets, apply_na_policy
 
-from .test_pseudo_labels import bce, run
+from .test_pseudo_labels import assert_validation_saw_real_labels, bce, run
 
 
 def hand_batch():
@@ -90,14 +89,8 @@ def test_teacher_targets_never_reach_validation_thresholds_or_counts(tmp_path, t
                                                   teacher_weight=1.0, head_feature_cache=False)
     assert len(labellers) == 3 and all(labeller.labelled > 0 for labeller in labellers)
     assert all(labeller.pos_weight is not None for labeller in labellers)
-    real_mask = np.array([[v is not None for v in row] for row in data.validation["labels"]])
-    real_targets = np.array([[v or 0 for v in row] for row in data.validation["labels"]], dtype=np.float32)
-    assert (~real_mask).any()
-    np.testing.assert_array_equal(result.best.mask, real_mask)
-    np.testing.assert_array_equal(result.best.targets[real_mask], real_targets[real_mask])
+    assert_validation_saw_real_labels(data, result, tmp_path / "teacher")
     saved = json.loads((tmp_path / "teacher" / "metrics.json").read_text())
-    assert saved["data"]["validation_counts"] == label_counts(data.validation["labels"], 3).by_attribute(
-        data.label_names)
     assert saved["na_policy"] == {"policy": "teacher", "teacher_weight": 1.0}
     card = (tmp_path / "teacher" / "README.md").read_text()
     assert "`--na-policy teacher`, a mean teacher (Tarvainen & Valpola, NeurIPS 2017)" in card
