@@ -86,7 +86,8 @@ def test_teacher_flags_their_checks_and_the_labeller_in_every_epoch():
 
 def test_teacher_targets_never_reach_validation_thresholds_or_counts(tmp_path, tiny_data, monkeypatch):
     data, model, result, metrics, labellers = run(tiny_data, tmp_path / "teacher", monkeypatch, na_policy="teacher",
-                                                  teacher_weight=1.0, head_feature_cache=False)
+                                                  teacher_weight=1.0, head_feature_cache=False,
+                                                  switch_warmup_head=False)
     assert len(labellers) == 3 and all(labeller.labelled > 0 for labeller in labellers)
     assert all(labeller.pos_weight is not None for labeller in labellers)
     assert_validation_saw_real_labels(data, result, tmp_path / "teacher")
@@ -95,3 +96,5 @@ def test_teacher_targets_never_reach_validation_thresholds_or_counts(tmp_path, t
     card = (tmp_path / "teacher" / "README.md").read_text()
     assert "`--na-policy teacher`, a mean teacher (Tarvainen & Valpola, NeurIPS 2017)" in card
     assert "with loss weight 1 x |2p - 1| (known labels 1)" in card
+    # --no-switch-warmup-head, named in the same card's stages
+    assert "the backbone's (the head kept its schedule) warmed up linearly over 1.0 epoch(s) after the switch" in card
