@@ -124,24 +124,8 @@ def selective_priors(data: AttrData, cfg: TrainConfig) -> torch.Tensor | None:
 
 def report_na_labels(labeller: PseudoLabeller | SelectiveNegatives | TeacherTargets, accelerator: Accelerator) -> None:
     """The epoch's counts of labelled NA entries over every process, in one log line."""
-    if isinstance(labeller, TeacherTargets):
-        labelled, confidence = accelerator.reduce(
-            torch.tensor([float(labeller.labelled), labeller.confidence], device=accelerator.device),
-            reduction="sum").tolist()
-        accelerator.print(f"  teacher NA this epoch: {int(labelled)} soft target(s), mean certainty "
-                          f"{confidence / max(labelled, 1):.3f} (weight {labeller.weight:g} x certainty)")
-        return
-    if isinstance(labeller, SelectiveNegatives):
-        counts = accelerator.reduce(torch.tensor([labeller.negatives, labeller.ignored], device=accelerator.device),
-                                    reduction="sum").tolist()
-        accelerator.print(f"  selective NA this epoch: {counts[0]} counted as negative (weight {labeller.weight:g}), "
-                          f"{counts[1]} left out (a common attribute, or p >= {labeller.likely:g})")
-        return
-    counts = accelerator.reduce(torch.tensor([labeller.negatives, labeller.positives], device=accelerator.device),
-                                reduction="sum").tolist()
-    accelerator.print(f"  pseudo-labels this epoch: {counts[0]} negative(s) at p <= {labeller.low:.4f}, {counts[1]} "
-                      f"positive(s) at p >= {labeller.high:.4f} (NA entries of training batches, weight "
-                      f"{labeller.weight:g})")
+    totals = accelerator.reduce(torch.tensor(labeller.tallies(), device=accelerator.device), reduction="sum")
+    accelerator.print(labeller.summary(totals.tolist()))
 
 
 def train_one_epoch(model, loader, optimizer, loss_fn, *, accelerator: Accelerator, state: RunState,

@@ -226,6 +226,15 @@ class PseudoLabeller:
         self.negatives += int(negative.sum())
         return targets, mask | pseudo, weight
 
+    def tallies(self) -> list[int]:
+        """This process's counts, summed over processes for `summary`."""
+        return [self.negatives, self.positives]
+
+    def summary(self, tallies: list[int]) -> str:
+        """The epoch's log line from the counts of every process."""
+        return (f"  pseudo-labels this epoch: {tallies[0]} negative(s) at p <= {self.low:.4f}, {tallies[1]} "
+                f"positive(s) at p >= {self.high:.4f} (NA entries of training batches, weight {self.weight:g})")
+
 
 # ---------------------------------------------------------------- --na-policy selective
 
@@ -273,6 +282,15 @@ class SelectiveNegatives:
         self.negatives += int(negative.sum())
         self.ignored += int((~mask).sum()) - int(negative.sum())
         return targets, mask | negative, weight
+
+    def tallies(self) -> list[int]:
+        """This process's counts, summed over processes for `summary`."""
+        return [self.negatives, self.ignored]
+
+    def summary(self, tallies: list[int]) -> str:
+        """The epoch's log line from the counts of every process."""
+        return (f"  selective NA this epoch: {tallies[0]} counted as negative (weight {self.weight:g}), "
+                f"{tallies[1]} left out (a common attribute, or p >= {self.likely:g})")
 
 
 # ---------------------------------------------------------------- --na-policy teacher
@@ -323,6 +341,16 @@ class TeacherTargets:
         self.labelled += int(labelled.sum())
         self.confidence += float(torch.where(labelled, certainty, torch.zeros_like(certainty)).sum())
         return targets, mask | labelled, weight
+
+    def tallies(self) -> list[float]:
+        """This process's count and certainty sum, summed over processes for `summary`."""
+        return [float(self.labelled), self.confidence]
+
+    def summary(self, tallies: list[float]) -> str:
+        """The epoch's log line from the tallies of every process."""
+        labelled, confidence = tallies
+        return (f"  teacher NA this epoch: {int(labelled)} soft target(s), mean certainty "
+                f"{confidence / max(labelled, 1):.3f} (weight {self.weight:g} x certainty)")
 
 
 LOSSES = {"bce": MaskedBCEWithLogits, "asl": AsymmetricLoss, "focal": FocalLoss}

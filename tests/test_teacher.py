@@ -98,3 +98,19 @@ def test_teacher_targets_never_reach_validation_thresholds_or_counts(tmp_path, t
     assert "with loss weight 1 x |2p - 1| (known labels 1)" in card
     # --no-switch-warmup-head, named in the same card's stages
     assert "the backbone's (the head kept its schedule) warmed up linearly over 1.0 epoch(s) after the switch" in card
+
+
+def test_each_na_labeller_sums_its_tallies_into_one_log_line():
+    """report_na_labels sums `tallies()` over processes and prints `summary` (here: two processes' tallies)."""
+    from attrclf.losses import PseudoLabeller, SelectiveNegatives
+
+    teacher = TeacherTargets(weight=0.5, labelled=10, confidence=4.0)
+    pseudo = PseudoLabeller(low=0.05, high=0.95, weight=0.5, positives=3, negatives=7)
+    selective = SelectiveNegatives(torch.tensor([0.1]), max_prior=0.3, likely=0.5, weight=0.5, negatives=4, ignored=2)
+    twice = [(torch.tensor(lab.tallies()) * 2).tolist() for lab in (teacher, pseudo, selective)]
+    assert teacher.summary(twice[0]) == ("  teacher NA this epoch: 20 soft target(s), mean certainty 0.400 "
+                                         "(weight 0.5 x certainty)")
+    assert pseudo.summary(twice[1]) == "  pseudo-labels this epoch: 14 negative(s) at p <= 0.0500, 6 positive(s) at " \
+                                       "p >= 0.9500 (NA entries of training batches, weight 0.5)"
+    assert selective.summary(twice[2]) == "  selective NA this epoch: 8 counted as negative (weight 0.5), 4 left out " \
+                                          "(a common attribute, or p >= 0.5)"
