@@ -20,7 +20,7 @@ import torch
 from .errors import AttrclfError
 from .fileio import is_hub_id
 from .heads import HEAD_TYPES
-from .losses import LOSSES, NA_POLICIES, build_loss
+from .losses import LOSS_AVERAGES, LOSSES, NA_POLICIES, build_loss
 from .model import ALL_STAGES, GEOMETRIES
 from .shards import looks_like_shards
 from .tracking import chosen_trackers
@@ -90,6 +90,10 @@ class TrainConfig:
                                        "e.g. ResNet's layer4) or 'all' (default: 1 pretrained, all from scratch)")
     early_stop_patience: int = _opt("stop after this many epochs without a better validation mAP", 5)
     loss: str = _opt("loss over known labels: bce, asl (asymmetric loss) or focal", "bce", choices=sorted(LOSSES))
+    loss_average: str = _opt("how a batch's loss averages its known labels: 'entries' (every known label weighs the "
+                             "same) or 'attributes' (each attribute's mean, then the mean over attributes: an "
+                             "attribute with many NA weighs as much as one with none)", "entries",
+                             choices=list(LOSS_AVERAGES))
     asl_gamma_neg: float = _opt("--loss asl: focusing exponent of negatives", 4.0)
     asl_gamma_pos: float = _opt("--loss asl: focusing exponent of positives", 0.0)
     asl_clip: float = _opt("--loss asl: probability margin; negatives with p below it give no loss", 0.05)
@@ -304,11 +308,12 @@ class TrainConfig:
 
     def loss_options(self) -> dict:
         """The --asl-* / --focal-* settings of the chosen loss, as keyword arguments of its class."""
+        average = {"average": self.loss_average}
         if self.loss == "asl":
-            return {"gamma_neg": self.asl_gamma_neg, "gamma_pos": self.asl_gamma_pos, "clip": self.asl_clip}
+            return {"gamma_neg": self.asl_gamma_neg, "gamma_pos": self.asl_gamma_pos, "clip": self.asl_clip, **average}
         if self.loss == "focal":
-            return {"gamma": self.focal_gamma, "alpha": self.focal_alpha}
-        return {}
+            return {"gamma": self.focal_gamma, "alpha": self.focal_alpha, **average}
+        return average
 
     @property
     def unfreeze(self) -> int | str:

@@ -23,6 +23,9 @@ from .errors import AttrclfError
 # what training does with NA: leave it out of the loss, call it 0, pseudo-label the confident ones, call it a
 # weighted 0 where the attribute is rare and the model finds it unlikely, or let the weight average label it softly
 NA_POLICIES = ("ignore", "negative", "pseudo", "selective", "teacher")
+# how a batch's per-entry losses become one number: the mean over its known entries, or over its attributes (each
+# attribute's mean over its known entries): see masked_mean
+LOSS_AVERAGES = ("entries", "attributes")
 
 
 def apply_na_policy(targets: torch.Tensor, mask: torch.Tensor, policy: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,15 +52,25 @@ def known_only(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) 
             torch.where(mask, targets.float(), torch.zeros_like(targets, dtype=torch.float32)))
 
 
-def masked_mean(per_entry: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+def masked_mean(per_entry: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None = None,
+                average: str = "entries") -> torch.Tensor:
     """Mean of (B, A) per-entry losses over the known entries; 0 when none is known.
 
     With a (B, A) `weight`, the weighted mean over the known entries: sum(weight * loss) / sum(weight).
+    `average` "attributes" takes that mean per attribute (column) first, then the mean over the attributes with a
+    known entry in the batch: each attribute then weighs the same in the gradient however many of its labels are
+    known, and labels added to one attribute (pseudo-labels) do not dilute the others.
     """
+    if average not in LOSS_AVERAGES:
+        raise AttrclfError(f"unknown loss average '{average}'; choose one of: {', '.join(LOSS_AVERAGES)}")
     per_entry = torch.where(mask, per_entry, torch.zeros_like(per_entry))
-    if weight is None:
-        return per_entry.sum() / mask.sum().clamp(min=1)
-    weight = torch.where(mask, weight.to(per_entry.dtype), torch.zeros_like(per_entry))
+    weight = mask.to(per_entry.dtype) if weight is None else torch.where(mask, weight.to(per_entry.dtype),
+                                                                          torch.zeros_like(per_entry))
+    if average == "attributes":
+        totals = weight.sum(0)
+        present = totals > 0
+        means = (per_entry * weight).sum(0) / torch.where(present, totals, torch.ones_like(totals))
+        return means.sum() / present.sum().clamp(min=1)
     total = weight.sum()
     return (per_entry * weight).sum() / torch.where(total > 0, total, torch.ones_like(total))
 
@@ -65,9 +78,10 @@ def masked_mean(per_entry: torch.Tensor, mask: torch.Tensor, weight: torch.Tenso
 class MaskedBCEWithLogits(nn.Module):
     """BCE-with-logits with per-attribute pos_weight, averaged over the known entries of the batch."""
 
-    def __init__(self, pos_weight: torch.Tensor | None = None):
+    def __init__(self, pos_weight: torch.Tensor | None = None, average: str = "entries"):
         super().__init__()
         self.register_buffer("pos_weight", pos_weight.float() if pos_weight is not None else None)
+        self.average = average
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                 weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,7 +89,7 @@ class MaskedBCEWithLogits(nn.Module):
         (see masked_mean). Returns a scalar."""
         logits, targets = known_only(logits, targets, mask)
         per_entry = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=self.pos_weight, reduction="none")
-        return masked_mean(per_entry, mask, weight)
+        return masked_mean(per_entry, mask, weight, self.average)
 
 
 def _focusing(base: torch.Tensor, gamma: float, detach: bool) -> torch.Tensor | float:
@@ -107,8 +121,9 @@ class AsymmetricLoss(nn.Module):
     """
 
     def __init__(self, pos_weight: torch.Tensor | None = None, gamma_neg: float = 4.0, gamma_pos: float = 0.0,
-                 clip: float = 0.05, *, detach_focal_weight: bool = False):
+                 clip: float = 0.05, *, detach_focal_weight: bool = False, average: str = "entries"):
         super().__init__()
+        self.average = average
         if gamma_neg < 0 or gamma_pos < 0 or not 0 <= clip < 1:
             raise AttrclfError(f"ASL needs gammas >= 0 and 0 <= clip < 1 (got gamma_neg={gamma_neg}, "
                                f"gamma_pos={gamma_pos}, clip={clip})")
@@ -136,7 +151,7 @@ class AsymmetricLoss(nn.Module):
         (see masked_mean). Returns a scalar."""
         logits, targets = known_only(logits, targets, mask)
         positive, negative = self.terms(logits, targets)
-        return masked_mean(positive + negative, mask, weight)
+        return masked_mean(positive + negative, mask, weight, self.average)
 
 
 class FocalLoss(AsymmetricLoss):
@@ -153,11 +168,11 @@ class FocalLoss(AsymmetricLoss):
     """
 
     def __init__(self, pos_weight: torch.Tensor | None = None, gamma: float = 2.0, alpha: float | None = None,
-                 detach_focal_weight: bool = False):
+                 detach_focal_weight: bool = False, average: str = "entries"):
         if alpha is not None and not 0 <= alpha <= 1:
             raise AttrclfError(f"focal loss alpha must be between 0 and 1 (got {alpha})")
         super().__init__(pos_weight, gamma_neg=gamma, gamma_pos=gamma, clip=0.0,
-                         detach_focal_weight=detach_focal_weight)
+                         detach_focal_weight=detach_focal_weight, average=average)
         self.alpha = alpha
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
@@ -166,7 +181,7 @@ class FocalLoss(AsymmetricLoss):
         positive, negative = self.terms(logits, targets)
         if self.alpha is not None:
             positive, negative = self.alpha * positive, (1 - self.alpha) * negative
-        return masked_mean(positive + negative, mask, weight)
+        return masked_mean(positive + negative, mask, weight, self.average)
 
 
 # ---------------------------------------------------------------- --na-policy pseudo
