@@ -52,20 +52,30 @@ def known_only(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) 
             torch.where(mask, targets.float(), torch.zeros_like(targets, dtype=torch.float32)))
 
 
+def check_average(average: str) -> str:
+    """`average` if it is one of LOSS_AVERAGES, else a clear error."""
+    if average not in LOSS_AVERAGES:
+        raise AttrclfError(f"unknown loss average '{average}'; choose one of: {', '.join(LOSS_AVERAGES)}")
+    return average
+
+
 def masked_mean(per_entry: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None = None,
-                average: str = "entries") -> torch.Tensor:
+                average: str = "entries", denominator: str = "weight") -> torch.Tensor:
     """Mean of (B, A) per-entry losses over the known entries; 0 when none is known.
 
     With a (B, A) `weight`, the weighted mean over the known entries: sum(weight * loss) / sum(weight).
     `average` "attributes" takes that mean per attribute (column) first, then the mean over the attributes with a
     known entry in the batch: each attribute then weighs the same in the gradient however many of its labels are
-    known, and labels added to one attribute (pseudo-labels) do not dilute the others.
+    known, and labels added to one attribute (pseudo-labels) do not dilute the others. `denominator` "count" divides
+    sum(weight * loss) by the number of entries in the mask instead of by sum(weight) (na_term: an NA entry the
+    labeller left out counts as a zero).
     """
-    if average not in LOSS_AVERAGES:
-        raise AttrclfError(f"unknown loss average '{average}'; choose one of: {', '.join(LOSS_AVERAGES)}")
+    check_average(average)
     per_entry = torch.where(mask, per_entry, torch.zeros_like(per_entry))
     weight = mask.to(per_entry.dtype) if weight is None else torch.where(mask, weight.to(per_entry.dtype),
                                                                           torch.zeros_like(per_entry))
+    if denominator == "count":
+        per_entry, weight = per_entry * weight, mask.to(per_entry.dtype)
     if average == "attributes":
         totals = weight.sum(0)
         present = totals > 0
@@ -81,15 +91,15 @@ class MaskedBCEWithLogits(nn.Module):
     def __init__(self, pos_weight: torch.Tensor | None = None, average: str = "entries"):
         super().__init__()
         self.register_buffer("pos_weight", pos_weight.float() if pos_weight is not None else None)
-        self.average = average
+        self.average = check_average(average)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-                weight: torch.Tensor | None = None) -> torch.Tensor:
+                weight: torch.Tensor | None = None, denominator: str = "weight") -> torch.Tensor:
         """logits, targets (B, A); mask (B, A) bool, True where the label is known; optional (B, A) per-entry weight
-        (see masked_mean). Returns a scalar."""
+        (see masked_mean, also for `denominator`). Returns a scalar."""
         logits, targets = known_only(logits, targets, mask)
         per_entry = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=self.pos_weight, reduction="none")
-        return masked_mean(per_entry, mask, weight, self.average)
+        return masked_mean(per_entry, mask, weight, self.average, denominator)
 
 
 def _focusing(base: torch.Tensor, gamma: float, detach: bool) -> torch.Tensor | float:
@@ -123,7 +133,7 @@ class AsymmetricLoss(nn.Module):
     def __init__(self, pos_weight: torch.Tensor | None = None, gamma_neg: float = 4.0, gamma_pos: float = 0.0,
                  clip: float = 0.05, *, detach_focal_weight: bool = False, average: str = "entries"):
         super().__init__()
-        self.average = average
+        self.average = check_average(average)
         if gamma_neg < 0 or gamma_pos < 0 or not 0 <= clip < 1:
             raise AttrclfError(f"ASL needs gammas >= 0 and 0 <= clip < 1 (got gamma_neg={gamma_neg}, "
                                f"gamma_pos={gamma_pos}, clip={clip})")
@@ -146,12 +156,12 @@ class AsymmetricLoss(nn.Module):
         return positive, negative
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-                weight: torch.Tensor | None = None) -> torch.Tensor:
+                weight: torch.Tensor | None = None, denominator: str = "weight") -> torch.Tensor:
         """logits, targets (B, A); mask (B, A) bool, True where the label is known; optional (B, A) per-entry weight
-        (see masked_mean). Returns a scalar."""
+        (see masked_mean, also for `denominator`). Returns a scalar."""
         logits, targets = known_only(logits, targets, mask)
         positive, negative = self.terms(logits, targets)
-        return masked_mean(positive + negative, mask, weight, self.average)
+        return masked_mean(positive + negative, mask, weight, self.average, denominator)
 
 
 class FocalLoss(AsymmetricLoss):
@@ -176,12 +186,12 @@ class FocalLoss(AsymmetricLoss):
         self.alpha = alpha
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-                weight: torch.Tensor | None = None) -> torch.Tensor:
+                weight: torch.Tensor | None = None, denominator: str = "weight") -> torch.Tensor:
         logits, targets = known_only(logits, targets, mask)
         positive, negative = self.terms(logits, targets)
         if self.alpha is not None:
             positive, negative = self.alpha * positive, (1 - self.alpha) * negative
-        return masked_mean(positive + negative, mask, weight, self.average)
+        return masked_mean(positive + negative, mask, weight, self.average, denominator)
 
 
 # ---------------------------------------------------------------- --na-policy pseudo
@@ -366,6 +376,21 @@ class TeacherTargets:
         labelled, confidence = tallies
         return (f"  teacher NA this epoch: {int(labelled)} soft target(s), mean certainty "
                 f"{confidence / max(labelled, 1):.3f} (weight {self.weight:g} x certainty)")
+
+
+def na_term(loss_fn: nn.Module, logits: torch.Tensor, known: torch.Tensor, targets: torch.Tensor,
+            mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The NA entries' part of the training loss under a labeller (--na-policy pseudo, selective, teacher), added to
+    the known labels' loss, which it leaves as "ignore" has it: sum(weight * loss) over the NA entries the labeller
+    labelled, divided by the number of NA entries of the batch (per attribute under --loss-average attributes).
+
+    `known` is the batch's mask before labelling; targets, mask and weight are the labeller's output. Added rather
+    than averaged in with the known labels: there, many confident pseudo-negatives would dilute the few known
+    positives of a rare attribute (and, averaged over entries, every other attribute's labels).
+    """
+    na = ~known
+    weight = torch.where(mask & na, weight, torch.zeros_like(weight))
+    return loss_fn(logits, targets, na, weight, denominator="count")
 
 
 LOSSES = {"bce": MaskedBCEWithLogits, "asl": AsymmetricLoss, "focal": FocalLoss}

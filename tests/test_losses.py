@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from attrclf.errors import AttrclfError
 from attrclf.losses import NA_POLICIES, AsymmetricLoss, FocalLoss, MaskedBCEWithLogits, apply_na_policy, build_loss
@@ -193,3 +194,45 @@ def test_na_policies_are_the_ones_that_apply_na_policy_knows():
 def test_detach_focal_weight_is_passed_by_name():
     with pytest.raises(TypeError):
         AsymmetricLoss(None, 4.0, 0.0, 0.05, True)
+
+
+def test_attribute_average_is_the_mean_of_each_attributes_mean_over_known_labels():
+    logits = torch.tensor([[0.0, 1.0, -2.0], [2.0, -1.0, 0.5], [1.5, 0.0, 3.0]])
+    targets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [True, False, False], [True, False, False]])
+    entry = -(targets * torch.log(torch.sigmoid(logits)) + (1 - targets) * torch.log(1 - torch.sigmoid(logits)))
+    # attribute 0: three known labels, attribute 1: one, attribute 2: none (left out of the mean)
+    expected = (entry[:, 0].mean() + entry[0, 1]) / 2
+    loss = MaskedBCEWithLogits(average="attributes")(logits, targets, mask)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    by_entry = MaskedBCEWithLogits()(logits, targets, mask)
+    assert by_entry.item() == pytest.approx((entry[:, 0].sum() + entry[0, 1]).item() / 4, rel=1e-6)
+
+
+def test_attribute_average_keeps_one_attributes_gradient_when_another_gains_labels():
+    # labels added to attribute 1 (pseudo-labels, say) dilute attribute 0's gradient under "entries", not "attributes"
+    logits = torch.tensor([[0.3, -0.2], [1.0, 0.4], [-0.5, 0.1], [0.2, 0.9]], requires_grad=True)
+    targets = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    few = torch.tensor([[True, True], [True, False], [True, False], [True, False]])
+    many = torch.ones(4, 2, dtype=torch.bool)
+    for average, same in (("attributes", True), ("entries", False)):
+        loss_fn = MaskedBCEWithLogits(average=average)
+        grads = [torch.autograd.grad(loss_fn(logits, targets, m), logits)[0][:, 0] for m in (few, many)]
+        assert torch.allclose(grads[0], grads[1]) is same
+
+
+def test_attribute_average_with_weights_and_with_asl_and_focal():
+    logits = torch.tensor([[0.2, -1.0], [1.2, 0.3]])
+    targets = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    mask = torch.tensor([[True, True], [True, True]])
+    weight = torch.tensor([[1.0, 0.5], [1.0, 1.0]])
+    entry = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    expected = (entry[:, 0].mean() + (0.5 * entry[0, 1] + entry[1, 1]) / 1.5) / 2
+    assert MaskedBCEWithLogits(average="attributes")(logits, targets, mask, weight).item() == \
+        pytest.approx(expected.item(), rel=1e-6)
+    for loss_fn in (AsymmetricLoss(gamma_neg=0, gamma_pos=0, clip=0, average="attributes"),
+                    FocalLoss(gamma=0, average="attributes")):
+        assert loss_fn(logits, targets, mask, weight).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert MaskedBCEWithLogits(average="attributes")(logits, targets, torch.zeros_like(mask)).item() == 0.0
+    with pytest.raises(AttrclfError, match="unknown loss average 'rows'"):
+        MaskedBCEWithLogits(average="rows")
