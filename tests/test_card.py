@@ -71,3 +71,16 @@ def test_the_template_comes_from_the_package_when_installed(tmp_path, monkeypatc
     rendered = render_card(asdict(AttrConfig(["a"], backbone="resnet18")))
     assert rendered.text.strip() == "packaged template for resnet18"
 
+
+
+def test_loss_average_attributes_trains_and_the_card_says_so(tiny_data, tmp_path):
+    from attrclf.training import training_function
+
+    from .conftest import tiny_config
+
+    metrics = training_function(tiny_config(tiny_data, tmp_path, loss_average="attributes", epochs=1))
+    assert metrics["validation"]["mAP"] is not None
+    card = (tmp_path / "README.md").read_text()
+    assert ("averaged over known labels only (each attribute's mean, then the mean over the attributes: "
+            "`--loss-average attributes`)") in card
+    assert json.loads((tmp_path / "train_config.json").read_text())["loss_average"] == "attributes"
