@@ -175,16 +175,14 @@ def na_procedure(train_config: dict) -> str:
         return (f"`--na-policy pseudo`, curriculum pseudo-labelling (Durand et al., CVPR 2019): NA entries left "
                 f"out of the loss in the head stage; from the first fine-tuning epoch on, an NA entry of a training "
                 f"batch whose predicted probability was at most {low:g} became a pseudo-negative and at least "
-                f"{high:g} a pseudo-positive, with weight {train_config.get('pseudo_weight', 0.5):g} in an NA term "
-                f"added to the known labels' loss (which stays as without them); the thresholds started strict and "
-                f"relaxed linearly to these values over the fine-tuning epochs. Validation, the best epoch, the "
-                f"thresholds and every count saw real labels only")
+                f"{high:g} a pseudo-positive, with loss weight {train_config.get('pseudo_weight', 0.5):g} (known "
+                f"labels 1); the thresholds started strict and relaxed linearly to these values over the "
+                f"fine-tuning epochs. Validation, the best epoch, the thresholds and every count saw real labels only")
     if policy == "selective":
         return (f"`--na-policy selective`, selective negatives after CSL (Ben-Baruch et al., CVPR 2022): in every "
-                f"epoch, an NA entry of a training batch counted as a negative with weight "
-                f"{train_config.get('selective_weight', 0.5):g} in an NA term added to the known labels' loss when "
-                f"its attribute's positive share among the known training labels was at most "
-                f"{train_config.get('selective_max_prior', 0.3):g} and "
+                f"epoch, an NA entry of a training batch counted as a negative with loss weight "
+                f"{train_config.get('selective_weight', 0.5):g} (known labels 1) when its attribute's positive share "
+                f"among the known training labels was at most {train_config.get('selective_max_prior', 0.3):g} and "
                 f"the model's probability for it below {train_config.get('selective_likely', 0.5):g}; every other "
                 f"NA entry stayed out of the loss. Validation, the best epoch, the thresholds and every count saw "
                 f"real labels only")
@@ -192,8 +190,8 @@ def na_procedure(train_config: dict) -> str:
         return (f"`--na-policy teacher`, a mean teacher (Tarvainen & Valpola, NeurIPS 2017) for the NA entries: in "
                 f"every step the exponential moving average of the weights ran on the same training batch and each "
                 f"NA entry took its probability p as a soft target (corrected for the positive weight), with loss "
-                f"weight {train_config.get('teacher_weight', 0.5):g} x |2p - 1| in an NA term added to the known "
-                f"labels' loss. Validation, the best epoch, the thresholds and every count saw real labels only")
+                f"weight {train_config.get('teacher_weight', 0.5):g} x |2p - 1| (known labels 1). Validation, the "
+                f"best epoch, the thresholds and every count saw real labels only")
     if policy == "negative":
         return "`--na-policy negative`: NA counted as absent (0) in the training loss"
     return "`--na-policy ignore`: NA left out of the loss"

@@ -116,17 +116,15 @@ class TrainConfig:
     pseudo_high: float = _opt("--na-policy pseudo: an NA entry whose probability is at least this becomes a "
                               "pseudo-positive, the threshold relaxing linearly to this value over the fine-tuning "
                               "epochs", 0.95)
-    pseudo_weight: float = _opt("--na-policy pseudo: weight of a pseudo-label in the NA term added to the known "
-                                "labels' loss", 0.5)
+    pseudo_weight: float = _opt("--na-policy pseudo: loss weight of a pseudo-label (a known label weighs 1)", 0.5)
     selective_max_prior: float = _opt("--na-policy selective: an attribute whose positive share among the known "
                                       "training labels is above this keeps its NA entries out of the loss", 0.3)
     selective_likely: float = _opt("--na-policy selective: an NA entry whose predicted probability is at least this "
                                    "stays out of the loss, as likely present", 0.5)
-    selective_weight: float = _opt("--na-policy selective: weight of an NA entry counted as a negative, in the NA "
-                                   "term added to the known labels' loss", 0.5)
-    teacher_weight: float = _opt("--na-policy teacher: weight of an NA entry the teacher is certain of, in the NA "
-                                 "term added to the known labels' loss (it falls to 0 as the teacher's probability "
-                                 "nears 0.5)", 0.5)
+    selective_weight: float = _opt("--na-policy selective: loss weight of an NA entry counted as a negative (a known "
+                                   "label weighs 1)", 0.5)
+    teacher_weight: float = _opt("--na-policy teacher: loss weight of an NA entry the teacher is certain of (it "
+                                 "falls to 0 as the teacher's probability nears 0.5; a known label weighs 1)", 0.5)
     pos_weight_cap: float = _opt("upper bound of the per-attribute positive weight (negatives / positives)", 50.0)
     geometry: str = _opt("'whole': every image is resized whole to the input size, in training and evaluation "
                          "(nothing is cropped, so a small mark near the border stays in view: the multilabel "

@@ -34,7 +34,7 @@ from .ema import make_ema, update_ema
 from .headcache import CachedHeadStage, uses_feature_cache
 from .labels import compute_pos_weight, label_counts, training_counts
 from .loader import DecodeFailures, balanced_sample_weights, make_loader
-from .losses import PseudoLabeller, SelectiveNegatives, TeacherTargets, apply_na_policy, build_loss, na_term
+from .losses import PseudoLabeller, SelectiveNegatives, TeacherTargets, apply_na_policy, build_loss
 from .model import ALL_STAGES, AttrClassifier, AttrConfig
 from .optim import current_lrs, lr_factor, make_optimizer, set_lrs, stage_at
 from .outputs import check_space, sweep, writing
@@ -150,10 +150,11 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, accelerator: Accelerat
         set_lrs(optimizer, cfg, lr_factor(state.step, steps_per_epoch, cfg),
                 lr_factor(state.step, steps_per_epoch, cfg, part="head"))
         logits = model(pixel_values)
-        loss = loss_fn(logits, targets, mask)
-        if pseudo is not None:  # NA entries the model's output (or the teacher's) decides on add their own term
+        weight = None
+        if pseudo is not None:  # NA entries the model's output (or the teacher's) decides on join the loss, weighted
             source = teacher_logits(ema, pixel_values, accelerator) if cfg.na_policy == "teacher" else logits
-            loss = loss + na_term(loss_fn, logits, mask, *pseudo(source, targets, mask))
+            targets, mask, weight = pseudo(source, targets, mask)
+        loss = loss_fn(logits, targets, mask, weight)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()

@@ -1,16 +1,16 @@
 """Losses over known labels only: NA entries (mask False) add nothing to the value or the gradients.
 
-Every loss takes (B, A) logits, (B, A) targets in [0, 1] (soft after mixup) and a (B, A) bool mask, True where the label
-is known, and returns the mean over the known entries (`--loss-average attributes`: each attribute's mean, then their
-mean); with an optional (B, A) per-entry `weight` it returns the weighted mean over them instead, sum(weight * loss) /
-sum(weight). The labelled NA entries of `--na-policy pseudo`, `selective` and `teacher` are not averaged in with the
-known labels: `na_term` adds them as a term of their own. pos_weight (A,) multiplies the positive term of each attribute
-in every loss. ASL and focal loss already rebalance easy negatives, so with them you may want `--pos-weight-cap 1`
-(every pos_weight 1). The NA policy decides, for training batches only, whether NA stays out of the loss ("ignore"),
-counts as a negative ("negative", `apply_na_policy`), is pseudo-labelled where the model is confident ("pseudo",
-`PseudoLabeller`, after the forward pass), counts as a down-weighted negative where the attribute is rare and the model
-does not find it likely ("selective", `SelectiveNegatives`, after the forward pass), or takes the weight average's
-probability as a soft target ("teacher", `TeacherTargets`, a mean teacher).
+Every loss takes (B, A) logits, (B, A) targets in [0, 1] (soft after mixup) and a (B, A) bool mask, True where the
+label is known, and returns the mean over the known entries (`--loss-average attributes`: each attribute's mean over
+its known entries, then the mean over the attributes); with an optional (B, A) per-entry `weight` it returns the
+weighted mean over them instead, sum(weight * loss) / sum(weight) (the pseudo-labels of `--na-policy pseudo` weigh
+less than the known labels, which weigh 1). pos_weight (A,) multiplies the positive term of each attribute in every
+loss. ASL and focal loss already rebalance easy negatives, so with them you may want `--pos-weight-cap 1` (every
+pos_weight 1). The NA policy decides, for training batches only, whether NA stays out of the loss ("ignore"), counts
+as a negative ("negative", `apply_na_policy`), is pseudo-labelled where the model is confident ("pseudo",
+`PseudoLabeller`, after the forward pass), counts as a down-weighted negative where the attribute is rare and the
+model does not find it likely ("selective", `SelectiveNegatives`, after the forward pass), or takes the weight
+average's probability as a soft target ("teacher", `TeacherTargets`, a mean teacher).
 """
 
 from dataclasses import dataclass
@@ -61,22 +61,18 @@ def check_average(average: str) -> str:
 
 
 def masked_mean(per_entry: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None = None,
-                average: str = "entries", denominator: str = "weight") -> torch.Tensor:
+                average: str = "entries") -> torch.Tensor:
     """Mean of (B, A) per-entry losses over the known entries; 0 when none is known.
 
     With a (B, A) `weight`, the weighted mean over the known entries: sum(weight * loss) / sum(weight).
     `average` "attributes" takes that mean per attribute (column) first, then the mean over the attributes with a
     known entry in the batch: each attribute then weighs the same in the gradient however many of its labels are
-    known, and labels added to one attribute (pseudo-labels) do not dilute the others. `denominator` "count" divides
-    sum(weight * loss) by the number of entries in the mask instead of by sum(weight) (na_term: an NA entry the
-    labeller left out counts as a zero).
+    known, and labels added to one attribute (pseudo-labels) do not dilute the others.
     """
     check_average(average)
     per_entry = torch.where(mask, per_entry, torch.zeros_like(per_entry))
     weight = mask.to(per_entry.dtype) if weight is None else torch.where(mask, weight.to(per_entry.dtype),
                                                                           torch.zeros_like(per_entry))
-    if denominator == "count":
-        per_entry, weight = per_entry * weight, mask.to(per_entry.dtype)
     if average == "attributes":
         totals = weight.sum(0)
         present = totals > 0
@@ -95,12 +91,12 @@ class MaskedBCEWithLogits(nn.Module):
         self.average = check_average(average)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-                weight: torch.Tensor | None = None, denominator: str = "weight") -> torch.Tensor:
+                weight: torch.Tensor | None = None) -> torch.Tensor:
         """logits, targets (B, A); mask (B, A) bool, True where the label is known; optional (B, A) per-entry weight
-        (see masked_mean, also for `denominator`). Returns a scalar."""
+        (see masked_mean). Returns a scalar."""
         logits, targets = known_only(logits, targets, mask)
         per_entry = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=self.pos_weight, reduction="none")
-        return masked_mean(per_entry, mask, weight, self.average, denominator)
+        return masked_mean(per_entry, mask, weight, self.average)
 
 
 def _focusing(base: torch.Tensor, gamma: float, detach: bool) -> torch.Tensor | float:
@@ -157,12 +153,12 @@ class AsymmetricLoss(nn.Module):
         return positive, negative
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-                weight: torch.Tensor | None = None, denominator: str = "weight") -> torch.Tensor:
+                weight: torch.Tensor | None = None) -> torch.Tensor:
         """logits, targets (B, A); mask (B, A) bool, True where the label is known; optional (B, A) per-entry weight
-        (see masked_mean, also for `denominator`). Returns a scalar."""
+        (see masked_mean). Returns a scalar."""
         logits, targets = known_only(logits, targets, mask)
         positive, negative = self.terms(logits, targets)
-        return masked_mean(positive + negative, mask, weight, self.average, denominator)
+        return masked_mean(positive + negative, mask, weight, self.average)
 
 
 class FocalLoss(AsymmetricLoss):
@@ -187,12 +183,12 @@ class FocalLoss(AsymmetricLoss):
         self.alpha = alpha
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-                weight: torch.Tensor | None = None, denominator: str = "weight") -> torch.Tensor:
+                weight: torch.Tensor | None = None) -> torch.Tensor:
         logits, targets = known_only(logits, targets, mask)
         positive, negative = self.terms(logits, targets)
         if self.alpha is not None:
             positive, negative = self.alpha * positive, (1 - self.alpha) * negative
-        return masked_mean(positive + negative, mask, weight, self.average, denominator)
+        return masked_mean(positive + negative, mask, weight, self.average)
 
 
 # ---------------------------------------------------------------- --na-policy pseudo
@@ -205,9 +201,9 @@ class PseudoLabeller:
     model's own most confident predictions.
 
     Online: no extra pass over the data. In a training step, an NA entry whose detached probability is <= `low` joins
-    the loss as a pseudo-negative and one >= `high` as a pseudo-positive, with weight `weight` in the NA term
-    (`na_term`). Known entries are never changed. The curriculum (`for_epoch`) relaxes the thresholds epoch by epoch.
-    Training batches only: validation, the best epoch, the thresholds and the label counts see the real labels.
+    the loss as a pseudo-negative and one >= `high` as a pseudo-positive, with weight `weight` (known labels weigh 1).
+    Known entries are never changed. The curriculum (`for_epoch`) relaxes the thresholds epoch by epoch. Training
+    batches only: validation, the best epoch, the thresholds and the label counts see the real labels.
 
     Attributes:
         low: Probability at or below which an NA entry becomes a pseudo-negative.
@@ -273,7 +269,7 @@ class SelectiveNegatives:
     attribute's prior (its positive share among the known labels of the training split) and the label's likelihood
     (the model's own detached probability in this step).
 
-    In a training step, an NA entry of attribute a becomes a negative with weight `weight` in the NA term when
+    In a training step, an NA entry of attribute a becomes a negative with loss weight `weight` when
     prior[a] <= `max_prior` and its probability is below `likely`; every other NA entry stays out of the loss. With
     pos_weight (negatives / positives of the known labels) the probabilities are balanced around 0.5, so `likely`
     0.5 ignores what the model would itself call present. Known entries never change; training batches only.
@@ -282,7 +278,7 @@ class SelectiveNegatives:
         priors: (A,) positive share of the known training labels per attribute.
         max_prior: Attributes with a larger prior keep their NA entries out of the loss.
         likely: Probability at or above which an NA entry is left out as likely present.
-        weight: Weight of a selective negative in the NA term (`na_term`).
+        weight: Loss weight of a selective negative (a known label weighs 1).
         negatives: Selective negatives made so far (this process).
         ignored: NA entries left out so far (this process).
     """
@@ -331,19 +327,16 @@ class TeacherTargets:
     In a training step, every NA entry joins the loss with the teacher's probability p as its target and the weight
     `weight` * |2p - 1|: a confident teacher counts, an undecided one (p near 0.5) adds almost nothing. Soft targets,
     not thresholded ones: the teacher's calibration, not a cut-off, says how sure it is. Known entries never change
-    (their loss is the one "ignore" has; `na_term` adds this one); training batches only (validation, the best epoch,
-    the thresholds and the label counts see the real labels). The teacher is an average of past students, so it changes
-    slowly and does not chase the student's own mistakes, the failure of a model labelling for itself. Measured
-    (benchmarks/README.md): the teacher sees the student's own augmented batch, so its p is close to the student's and
-    the term's gradient, student's p minus target, stays small; it neither gained nor lost test mAP over "ignore" with
-    half the labels hidden.
+    and always weigh 1; training batches only (validation, the best epoch, the thresholds and the label counts see
+    the real labels). The teacher is an average of past students, so it changes slowly and does not chase the
+    student's own mistakes, the failure of a model labelling for itself.
 
     With `pos_weight` w (the loss's, which multiplies the positive term), the target is p / (p + w (1 - p)): the
     weighted BCE is smallest where the student outputs p itself. Without it, the student would learn w p / (w p +
     1 - p) > p there, the teacher would follow, and every NA entry would drift towards positive.
 
     Attributes:
-        weight: Weight in the NA term (`na_term`) of an NA entry whose teacher probability is 0 or 1.
+        weight: Loss weight of an NA entry whose teacher probability is 0 or 1 (a known label weighs 1).
         pos_weight: (A,) the loss's positive weights, or None.
         labelled: NA entries given a soft target so far (this process).
         confidence: Sum of their |2p - 1| so far (this process), for the log's mean confidence.
@@ -380,21 +373,6 @@ class TeacherTargets:
         labelled, confidence = tallies
         return (f"  teacher NA this epoch: {int(labelled)} soft target(s), mean certainty "
                 f"{confidence / max(labelled, 1):.3f} (weight {self.weight:g} x certainty)")
-
-
-def na_term(loss_fn: nn.Module, logits: torch.Tensor, known: torch.Tensor, targets: torch.Tensor,
-            mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The NA entries' part of the training loss under a labeller (--na-policy pseudo, selective, teacher), added to
-    the known labels' loss, which it leaves as "ignore" has it: sum(weight * loss) over the NA entries the labeller
-    labelled, divided by the number of NA entries of the batch (per attribute under --loss-average attributes).
-
-    `known` is the batch's mask before labelling; targets, mask and weight are the labeller's output. Added rather
-    than averaged in with the known labels: there, many confident pseudo-negatives would dilute the few known
-    positives of a rare attribute (and, averaged over entries, every other attribute's labels).
-    """
-    na = ~known
-    weight = torch.where(mask & na, weight, torch.zeros_like(weight))
-    return loss_fn(logits, targets, na, weight, denominator="count")
 
 
 LOSSES = {"bce": MaskedBCEWithLogits, "asl": AsymmetricLoss, "focal": FocalLoss}

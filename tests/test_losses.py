@@ -12,7 +12,6 @@ from attrclf.losses import (
     MaskedBCEWithLogits,
     apply_na_policy,
     build_loss,
-    na_term,
 )
 
 
@@ -244,23 +243,3 @@ def test_attribute_average_with_weights_and_with_asl_and_focal():
     assert MaskedBCEWithLogits(average="attributes")(logits, targets, torch.zeros_like(mask)).item() == 0.0
     with pytest.raises(AttrclfError, match="unknown loss average 'rows'"):
         MaskedBCEWithLogits(average="rows")
-
-
-@pytest.mark.parametrize("average", ["entries", "attributes"])
-def test_na_term_adds_the_labelled_na_entries_over_the_number_of_na_entries(average):
-    logits = torch.tensor([[0.5, -1.0, 2.0], [1.0, 0.2, -0.3]])
-    known_targets = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
-    known = torch.tensor([[True, True, False], [True, False, False]])
-    # a labeller's output: NA (0, 2) labelled 1 with weight 0.5, NA (1, 1) labelled 0 with weight 0.25, NA (1, 2) left
-    targets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
-    mask = torch.tensor([[True, True, True], [True, True, False]])
-    weight = torch.tensor([[1.0, 1.0, 0.5], [1.0, 0.25, 1.0]])
-    entry = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    loss_fn = MaskedBCEWithLogits(average=average)
-    if average == "entries":  # 3 NA entries in the batch
-        expected = (0.5 * entry[0, 2] + 0.25 * entry[1, 1]) / 3
-    else:  # attribute 1 has one NA entry, attribute 2 two
-        expected = (0.25 * entry[1, 1] / 1 + 0.5 * entry[0, 2] / 2) / 2
-    assert na_term(loss_fn, logits, known, targets, mask, weight).item() == pytest.approx(expected.item(), rel=1e-6)
-    # the known labels' loss is the "ignore" loss, unchanged by what the labeller did
-    assert loss_fn(logits, known_targets, known).item() == pytest.approx(loss_fn(logits, targets, known).item())

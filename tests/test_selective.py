@@ -89,6 +89,6 @@ def test_selective_negatives_never_reach_validation_thresholds_or_counts(tmp_pat
                                   "selective_weight": 0.5}
     card = (tmp_path / "selective" / "README.md").read_text()
     assert "`--na-policy selective`, selective negatives after CSL (Ben-Baruch et al., CVPR 2022)" in card
-    assert "counted as a negative with weight 0.5 in an NA term added to the known labels' loss" in card
+    assert "counted as a negative with loss weight 0.5" in card
     # the default --warm-bn-stats, with a head stage that runs the backbone on every batch
     assert "already followed the data in the head stage (--warm-bn-stats)" in card

@@ -95,7 +95,7 @@ def test_teacher_targets_never_reach_validation_thresholds_or_counts(tmp_path, t
     assert saved["na_policy"] == {"policy": "teacher", "teacher_weight": 1.0}
     card = (tmp_path / "teacher" / "README.md").read_text()
     assert "`--na-policy teacher`, a mean teacher (Tarvainen & Valpola, NeurIPS 2017)" in card
-    assert "with loss weight 1 x |2p - 1| in an NA term added to the known labels' loss." in card
+    assert "with loss weight 1 x |2p - 1| (known labels 1)" in card
     # --no-switch-warmup-head, named in the same card's stages
     assert "the backbone's (the head kept its schedule) warmed up linearly over 1.0 epoch(s) after the switch" in card
 
