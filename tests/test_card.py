@@ -72,7 +72,6 @@ def test_the_template_comes_from_the_package_when_installed(tmp_path, monkeypatc
     assert rendered.text.strip() == "packaged template for resnet18"
 
 
-
 def test_loss_average_attributes_trains_and_the_card_says_so(tiny_data, tmp_path):
     from accelerate import Accelerator
 

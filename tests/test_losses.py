@@ -5,14 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from attrclf.errors import AttrclfError
-from attrclf.losses import (
-    NA_POLICIES,
-    AsymmetricLoss,
-    FocalLoss,
-    MaskedBCEWithLogits,
-    apply_na_policy,
-    build_loss,
-)
+from attrclf.losses import NA_POLICIES, AsymmetricLoss, FocalLoss, MaskedBCEWithLogits, apply_na_policy, build_loss
 
 
 def bce(logit, target, pos_weight=1.0):
