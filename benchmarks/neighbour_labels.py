@@ -19,6 +19,7 @@ fills as known labels (bench_quality's hidden file plus the fills: `--variant "f
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +28,16 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from .common import DATASETS, WEIGHTS, LabelTable, grouped_split, hide_training_labels, table, write_result
+from . import bench_quality
+from .common import DATASETS, WEIGHTS, LabelTable, table, write_result
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def as_matrix(labels: LabelTable) -> np.ndarray:
     """(N, A) float: 1, 0, NaN for NA."""
-    return np.array([[np.nan if v == "NA" else float(v) for v in row[1:-1]] for row in labels.rows])
+    targets = labels.targets().astype(np.float64)
+    return np.where(targets < 0, np.nan, targets)
 
 
 @torch.no_grad()
@@ -86,17 +89,18 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", type=float, default=0.95)
     parser.add_argument("--purity", type=float, default=5.0)
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--test-seed", type=int, default=20261201)
     parser.add_argument("--write-labels", help="write the labels file with the fills as known labels here")
     args = parser.parse_args(argv)
     data_dir, _ = DATASETS[args.dataset]
     if not (data_dir / "labels.txt").is_file() or not WEIGHTS.is_file():
         sys.exit(f"error: run python -m benchmarks.prepare_{args.dataset} and benchmarks.prepare_weights first")
-    everything = LabelTable.read(data_dir / "labels.txt")
-    names = np.array(everything.names())
-    trainval = everything.select(set(names[~grouped_split(everything.groups(), 0.2, args.test_seed)]))
-    validation = set(np.array(trainval.names())[grouped_split(trainval.groups(), 0.2, args.seed)])
-    labels = (hide_training_labels(trainval, validation, 0.5, args.seed) if args.label_set == "hidden" else trainval)
+    # bench_quality's own split and hiding, with its defaults (test split, validation, 50% of the labels hidden)
+    with tempfile.TemporaryDirectory() as folder:
+        split = bench_quality.make_split(bench_quality.parse_args(["--dataset", args.dataset, "--seeds",
+                                                                   str(args.seed)]), Path(folder))
+        trainval = split.trainval
+        validation = set(split.val_lists[args.seed].read_text().split())
+        labels = LabelTable.read(split.labels_files[args.label_set, args.seed])
     train = np.array([n not in validation for n in trainval.names()])
     rows = np.where(train)[0]
     features = embeddings([trainval.names()[i] for i in rows], data_dir / "images", args.image_size)
