@@ -83,6 +83,9 @@ class TrainConfig:
                             "(default: 2e-3; demo: 3e-3)")
     lr_finetune: float | None = _opt("learning rate of the unfrozen backbone stages (default: 1e-4 pretrained, "
                                      "--lr from scratch)")
+    lr_layer_decay: float = _opt("layer-wise learning-rate decay: the backbone stage k stages below the last "
+                                 "fine-tunes at --lr-finetune x this**k, so the early, generic stages move least "
+                                 "(1 = every stage at --lr-finetune)", 1.0)
     weight_decay: float = _opt("AdamW weight decay (not applied to norms and biases)", 1e-2)
     head_epochs: int | None = _opt("epochs that train the head alone before unfreezing (default: 3 pretrained, "
                                    "0 from scratch)")
@@ -260,6 +263,8 @@ class TrainConfig:
             raise AttrclfError(f"--na-policy must be one of {', '.join(NA_POLICIES)} (got '{self.na_policy}')")
         if self.switch_warmup < 0:
             raise AttrclfError(f"--switch-warmup must be >= 0 epochs, 0 = none (got {self.switch_warmup:g})")
+        if not 0 < self.lr_layer_decay <= 1:
+            raise AttrclfError(f"--lr-layer-decay must be in (0, 1], 1 = off (got {self.lr_layer_decay:g})")
         if not 0 <= self.ema_decay < 1:
             raise AttrclfError(f"--ema-decay must be in [0, 1), 0 = off (got {self.ema_decay:g})")
         if not (0 <= self.pseudo_low < self.pseudo_high <= 1 and 0 < self.pseudo_weight <= 1):

@@ -11,22 +11,27 @@ from .model import ALL_STAGES, AttrClassifier
 def make_optimizer(model: AttrClassifier, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over the head (lr) and the backbone stages that will ever unfreeze (lr_finetune).
 
-    Parameters frozen in the current stage have no gradient, and AdamW leaves them untouched. Norms and biases get no
-    weight decay.
+    With --lr-layer-decay d < 1 the backbone's stage k below the last (k = 0 for the last) trains at
+    lr_finetune * d**k (layer-wise learning-rate decay, as in ULMFiT's discriminative fine-tuning and BEiT's layer
+    decay): the generic early stages move least. Each group holds its `scale` (d**k; 1 for the head), which `set_lrs`
+    multiplies in. Parameters frozen in the current stage have no gradient, and AdamW leaves them untouched. Norms
+    and biases get no weight decay.
     """
     stages = model.backbone_stages()
     count = len(stages) if cfg.unfreeze == ALL_STAGES else min(cfg.unfreeze, len(stages))
-    tail = {name for names in stages[len(stages) - count :] for name in names}
-    named = {"head": list(model.head.named_parameters()),
-             "backbone": [(n, p) for n, p in model.backbone.named_parameters() if n in tail]}
-    lrs = {"head": cfg.lr, "backbone": cfg.lr_finetune}
+    trained = stages[len(stages) - count:]
+    named = [("head", 1.0, list(model.head.parameters()))]
+    by_name = dict(model.backbone.named_parameters())
+    for depth, names in enumerate(reversed(trained)):  # depth 0 = the last stage
+        named.append(("backbone", cfg.lr_layer_decay ** depth, [by_name[n] for n in names]))
+    base = {"head": cfg.lr, "backbone": cfg.lr_finetune}
     groups = []
-    for part, params in named.items():
+    for part, scale, params in named:
         for decay in (True, False):
-            chosen = [p for _, p in params if (p.ndim > 1) == decay]
+            chosen = [p for p in params if (p.ndim > 1) == decay]
             if chosen:
-                groups.append({"params": chosen, "lr": lrs[part], "weight_decay": cfg.weight_decay if decay else 0.0,
-                               "part": part})
+                groups.append({"params": chosen, "lr": base[part] * scale, "part": part, "scale": scale,
+                               "weight_decay": cfg.weight_decay if decay else 0.0})
     return torch.optim.AdamW(groups)
 
 
@@ -61,15 +66,20 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig, part: str = "ba
 
 def set_lrs(optimizer: torch.optim.Optimizer, cfg: TrainConfig, factor: float,
             head_factor: float | None = None) -> None:
-    """Each parameter group's base lr (head: --lr, backbone: --lr-finetune) times the schedule's factor (the head's
-    own `head_factor` when given)."""
+    """Each parameter group's base lr (head: --lr, backbone: --lr-finetune) times its layer-decay `scale` and the
+    schedule's factor (the head's own `head_factor` when given)."""
     for group in optimizer.param_groups:
+        scale = group.get("scale", 1.0)
         if group["part"] == "head":
-            group["lr"] = cfg.lr * (factor if head_factor is None else head_factor)
+            group["lr"] = cfg.lr * scale * (factor if head_factor is None else head_factor)
         else:
-            group["lr"] = cfg.lr_finetune * factor
+            group["lr"] = cfg.lr_finetune * scale * factor
 
 
 def current_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """{"head": lr, "backbone": lr} as the optimizer holds them now (a part without parameters is absent)."""
-    return {group["part"]: group["lr"] for group in optimizer.param_groups}
+    """{"head": lr, "backbone": lr} as the optimizer holds them now, the highest of a part's groups (the backbone's
+    last stage under --lr-layer-decay); a part without parameters is absent."""
+    lrs: dict[str, float] = {}
+    for group in optimizer.param_groups:
+        lrs[group["part"]] = max(group["lr"], lrs.get(group["part"], 0.0))
+    return lrs

@@ -9,7 +9,7 @@ import torch
 from attrclf import AttrClassifier, AttrclfError, AttrConfig
 from attrclf.config import TrainConfig
 from attrclf.heads import MLPHead
-from attrclf.optim import make_optimizer
+from attrclf.optim import current_lrs, make_optimizer, set_lrs
 
 
 def test_save_load_gives_identical_logits_config_and_file_set(tmp_path, tiny_model_factory):
@@ -198,6 +198,22 @@ def test_optimizer_covers_head_and_unfreezable_tail(tiny_model_factory):
     assert lrs[("head", True)] == 1e-3 and lrs[("backbone", True)] == 1e-5
     assert all(p.ndim == 1 for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"])
 
+
+
+def test_layer_decay_gives_each_stage_below_the_last_a_smaller_learning_rate(tiny_model_factory):
+    model = tiny_model_factory()
+    stages = model.backbone_stages()  # test_resnet: stem, layer1 .. layer4
+    cfg = TrainConfig(unfreeze_stages="all", lr=1e-3, lr_finetune=1e-4, lr_layer_decay=0.5).resolve()
+    optimizer = make_optimizer(model, cfg)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    params = dict(model.backbone.named_parameters())
+    for depth, names in enumerate(reversed(stages)):  # the last stage at 1e-4, the one below at 5e-5, ...
+        assert [lr_of[id(params[n])] for n in names] == pytest.approx([1e-4 * 0.5 ** depth] * len(names))
+    assert {lr_of[id(p)] for p in model.head.parameters()} == {1e-3}
+    set_lrs(optimizer, cfg, 0.1)  # the schedule scales every group, keeping the ratios
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert lr_of[id(params[stages[0][0]])] == pytest.approx(1e-5 * 0.5 ** (len(stages) - 1))
+    assert current_lrs(optimizer) == pytest.approx({"head": 1e-4, "backbone": 1e-5})  # the last stage's
 
 # One stage means one resolution level in every family: the last is the stride-32 stage (ViT: the last quarter of
 # its blocks), with the head convs / final norms that follow it; never a lone norm or a single 1x1 conv.
