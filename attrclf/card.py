@@ -174,7 +174,8 @@ def na_procedure(train_config: dict) -> str:
         low, high = train_config.get("pseudo_low", 0.05), train_config.get("pseudo_high", 0.95)
         return (f"`--na-policy pseudo`, curriculum pseudo-labelling (Durand et al., CVPR 2019): NA entries left "
                 f"out of the loss in the head stage; from the first fine-tuning epoch on, an NA entry of a training "
-                f"batch whose predicted probability was at most {low:g} became a pseudo-negative and at least "
+                f"batch whose predicted probability (with pos_weight taken out) was at most {low:g} became a "
+                f"pseudo-negative and at least "
                 f"{high:g} a pseudo-positive, with loss weight {train_config.get('pseudo_weight', 0.5):g} (known "
                 f"labels 1); the thresholds started strict and relaxed linearly to these values over the "
                 f"fine-tuning epochs. Validation, the best epoch, the thresholds and every count saw real labels only")

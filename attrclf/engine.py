@@ -102,8 +102,9 @@ def na_labeller(cfg: TrainConfig, epoch: int, priors: torch.Tensor | None = None
     """The labeller of NA entries for `epoch` (0-based), called after the forward pass; None under "ignore" and
     "negative". "pseudo": its thresholds on the curriculum over the fine-tuning epochs, none in the head stage (the
     head's first guesses are poor). "selective": every epoch, with the training split's priors. "teacher": every
-    epoch (the weight average starts as the pretrained model plus the first head steps and follows from there), its
-    targets corrected for the loss's `pos_weight`."""
+    epoch (the weight average starts as the pretrained model plus the first head steps and follows from there). The
+    pseudo-labels' thresholds and the teacher's targets apply to probabilities with the loss's `pos_weight` taken out
+    (losses.unweighted_probs)."""
     if cfg.na_policy == "teacher":
         return TeacherTargets(weight=cfg.teacher_weight, pos_weight=pos_weight)
     if cfg.na_policy == "selective":
@@ -112,7 +113,7 @@ def na_labeller(cfg: TrainConfig, epoch: int, priors: torch.Tensor | None = None
     if cfg.na_policy != "pseudo" or stage_at(epoch, cfg) != "finetune":
         return None
     return PseudoLabeller.for_epoch(epoch - cfg.head_epochs, cfg.epochs - cfg.head_epochs, low=cfg.pseudo_low,
-                                    high=cfg.pseudo_high, weight=cfg.pseudo_weight)
+                                    high=cfg.pseudo_high, weight=cfg.pseudo_weight, pos_weight=pos_weight)
 
 
 def selective_priors(data: AttrData, cfg: TrainConfig) -> torch.Tensor | None:

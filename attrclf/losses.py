@@ -194,6 +194,20 @@ class FocalLoss(AsymmetricLoss):
 # ---------------------------------------------------------------- --na-policy pseudo
 
 
+def unweighted_probs(logits: torch.Tensor, pos_weight: torch.Tensor | None) -> torch.Tensor:
+    """(B, A) probabilities with the loss's pos_weight taken out: sigmoid(logit - log w).
+
+    A loss whose positive term is weighted by w (A,) is smallest where the model outputs w q / (w q + 1 - q) for an
+    entry that is positive with probability q, so its sigmoid overstates q wherever w > 1 (w 25 and q 0.43 give 0.95).
+    Shifting the logit by log w gives q back: the probability to compare with a confidence threshold, and the soft
+    target at which the weighted loss is smallest (w q' / (w q' + 1 - q') = p for q' = p / (p + w (1 - p))).
+    """
+    logits = logits.detach().float()
+    if pos_weight is None:
+        return torch.sigmoid(logits)
+    return torch.sigmoid(logits - torch.log(pos_weight.to(logits.device).float()).unsqueeze(0))
+
+
 @dataclass
 class PseudoLabeller:
     """Online curriculum pseudo-labelling of NA entries (after Durand et al., CVPR 2019, "Learning a Deep ConvNet for
@@ -202,6 +216,9 @@ class PseudoLabeller:
 
     Online: no extra pass over the data. In a training step, an NA entry whose detached probability is <= `low` joins
     the loss as a pseudo-negative and one >= `high` as a pseudo-positive, with weight `weight` (known labels weigh 1).
+    The probability is the model's with the loss's `pos_weight` taken out (`unweighted_probs`): the raw sigmoid of a
+    model trained with pos_weight w calls an entry with a 43% chance of being present 95% sure at w 25, and those
+    entries would become pseudo-positives.
     Known entries are never changed. The curriculum (`for_epoch`) relaxes the thresholds epoch by epoch. Training
     batches only: validation, the best epoch, the thresholds and the label counts see the real labels.
 
@@ -209,6 +226,7 @@ class PseudoLabeller:
         low: Probability at or below which an NA entry becomes a pseudo-negative.
         high: Probability at or above which an NA entry becomes a pseudo-positive.
         weight: Loss weight of a pseudo-label.
+        pos_weight: (A,) the loss's positive weights, or None.
         positives: Pseudo-positives made so far (this process).
         negatives: Pseudo-negatives made so far (this process).
     """
@@ -216,11 +234,13 @@ class PseudoLabeller:
     low: float
     high: float
     weight: float
+    pos_weight: torch.Tensor | None = None
     positives: int = 0
     negatives: int = 0
 
     @classmethod
-    def for_epoch(cls, epoch: int, epochs: int, *, low: float, high: float, weight: float) -> "PseudoLabeller":
+    def for_epoch(cls, epoch: int, epochs: int, *, low: float, high: float, weight: float,
+                  pos_weight: torch.Tensor | None = None) -> "PseudoLabeller":
         """The labeller of the `epoch`-th (0-based) of `epochs` curriculum epochs.
 
         The thresholds start strict and relax linearly to (low, high): with f = (epoch + 1) / epochs, an NA entry is
@@ -228,7 +248,7 @@ class PseudoLabeller:
         p <= 0.0125 and p >= 0.9875, the last p <= 0.05 and p >= 0.95.
         """
         share = min(1.0, (epoch + 1) / max(epochs, 1))
-        return cls(low=low * share, high=1.0 - (1.0 - high) * share, weight=weight)
+        return cls(low=low * share, high=1.0 - (1.0 - high) * share, weight=weight, pos_weight=pos_weight)
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor,
                  mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -237,7 +257,7 @@ class PseudoLabeller:
         Only entries with mask False can change; the logits are detached (a pseudo-label is a target, not a path
         for gradients). An entry whose probability is NaN stays NA.
         """
-        probs = torch.sigmoid(logits.detach().float())
+        probs = unweighted_probs(logits, self.pos_weight)
         negative = ~mask & (probs <= self.low)
         positive = ~mask & (probs >= self.high)
         pseudo = negative | positive
@@ -354,10 +374,7 @@ class TeacherTargets:
         probs = torch.sigmoid(teacher_logits.detach().float())
         labelled = ~mask & torch.isfinite(probs)
         certainty = (2 * probs - 1).abs()
-        soft = probs
-        if self.pos_weight is not None:
-            w = self.pos_weight.to(probs.device).float().unsqueeze(0)
-            soft = probs / (probs + w * (1 - probs)).clamp(min=1e-12)
+        soft = unweighted_probs(teacher_logits, self.pos_weight)  # = p / (p + w (1 - p))
         targets = torch.where(labelled, soft.to(targets.dtype), targets)
         weight = torch.where(labelled, self.weight * certainty, torch.ones_like(probs))
         self.labelled += int(labelled.sum())

@@ -16,7 +16,14 @@ from attrclf.engine import build_model, evaluate, fit, na_labeller
 from attrclf.errors import AttrclfError
 from attrclf.labels import label_counts, training_counts
 from attrclf.loader import make_loader
-from attrclf.losses import AsymmetricLoss, FocalLoss, MaskedBCEWithLogits, PseudoLabeller, apply_na_policy
+from attrclf.losses import (
+    AsymmetricLoss,
+    FocalLoss,
+    MaskedBCEWithLogits,
+    PseudoLabeller,
+    apply_na_policy,
+    unweighted_probs,
+)
 from attrclf.metrics import mean_average_precision, tune_thresholds
 from attrclf.reporting import finalize, write_outputs
 from attrclf.transforms import eval_transform
@@ -72,6 +79,22 @@ def test_which_na_entries_become_pseudo_labels_at_a_given_epoch_and_known_entrie
     assert new_targets.tolist() == [[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]
     assert weight.tolist() == [[0.5, 0.5, 1.0, 1.0], [0.5, 0.5, 1.0, 1.0]]
 
+
+def test_thresholds_apply_to_probabilities_with_the_pos_weight_taken_out():
+    # one attribute with pos_weight 25: raw p 0.95 is q = 0.95 / (0.95 + 25 * 0.05) = 0.43 unweighted, no
+    # pseudo-positive; raw p 0.999 is q = 0.9756; raw p 0.5 is q = 1 / 26 = 0.038, a pseudo-negative at low 0.05
+    probs = torch.tensor([[0.95], [0.999], [0.5], [0.7]])
+    targets, mask = torch.zeros(4, 1), torch.zeros(4, 1, dtype=torch.bool)
+    labeller = PseudoLabeller(low=0.05, high=0.95, weight=0.5, pos_weight=torch.tensor([25.0]))
+    new_targets, new_mask, _ = labeller(probs.logit(), targets, mask)
+    assert new_mask.flatten().tolist() == [False, True, True, False]  # q 0.43 and q 0.085 stay NA
+    assert new_targets.flatten().tolist() == [0.0, 1.0, 0.0, 0.0]
+    assert unweighted_probs(probs.logit(), torch.tensor([25.0])).flatten().tolist() == pytest.approx(
+        [0.95 / (0.95 + 25 * 0.05), 0.999 / (0.999 + 25 * 0.001), 1 / 26, 0.7 / (0.7 + 25 * 0.3)])
+    unweighted = PseudoLabeller(low=0.05, high=0.95, weight=0.5)  # without pos_weight the raw p decides
+    assert unweighted(probs.logit(), targets, mask)[1].flatten().tolist() == [True, True, False, False]
+    cfg = TrainConfig(data="x", backbone_weights="w", na_policy="pseudo", head_epochs=0, epochs=2).resolve()
+    assert na_labeller(cfg, 0, pos_weight=torch.tensor([25.0])).pos_weight.tolist() == [25.0]
 
 def test_pseudo_labels_carry_no_gradient_of_their_own_and_nan_stays_na():
     logits, targets, mask = hand_batch()
