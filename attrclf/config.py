@@ -47,7 +47,7 @@ def _opt(help_text: str, default=None, **extra):
 class TrainConfig:
     """Optimisation and data settings of one run; saved as train_config.json, never in config.json.
 
-    `None` on pretrained / head_epochs / unfreeze_stages / lr_finetune / image_size / epochs / batch_size / lr
+    `None` on pretrained / head_epochs / lr_finetune / image_size / epochs / batch_size / lr
     means "decide from the run" (data or demo, pretrained or from scratch):
     see `resolve`.
     """
@@ -81,16 +81,16 @@ class TrainConfig:
     batch_size: int | None = _opt("images per batch and process (default: 32; demo: 64)")
     lr: float | None = _opt("learning rate of the head, and of the whole network when training from scratch "
                             "(default: 2e-3; demo: 3e-3)")
-    lr_finetune: float | None = _opt("learning rate of the unfrozen backbone stages (default: 1e-4 pretrained, "
+    lr_finetune: float | None = _opt("learning rate of the unfrozen backbone stages (default: 3e-4 pretrained, "
                                      "--lr from scratch)")
     lr_layer_decay: float = _opt("layer-wise learning-rate decay: the backbone stage k stages below the last "
                                  "fine-tunes at --lr-finetune x this**k, so the early, generic stages move least "
                                  "(1 = every stage at --lr-finetune)", 1.0)
     weight_decay: float = _opt("AdamW weight decay (not applied to norms and biases)", 1e-2)
-    head_epochs: int | None = _opt("epochs that train the head alone before unfreezing (default: 3 pretrained, "
+    head_epochs: int | None = _opt("epochs that train the head alone before unfreezing (default: 1 pretrained, "
                                    "0 from scratch)")
-    unfreeze_stages: str | None = _opt("backbone stages to unfreeze after the head epochs: a number (1 = the last, "
-                                       "e.g. ResNet's layer4) or 'all' (default: 1 pretrained, all from scratch)")
+    unfreeze_stages: str = _opt("backbone stages to unfreeze after the head epochs: a number (1 = the last, e.g. "
+                                "ResNet's layer4) or 'all', the whole backbone", ALL_STAGES)
     early_stop_patience: int = _opt("stop after this many epochs without a better validation mAP", 5)
     loss: str = _opt("loss over known labels: bce, asl (asymmetric loss) or focal", "bce", choices=sorted(LOSSES))
     loss_average: str = _opt("how a batch's loss averages its known labels: 'entries' (every known label weighs the "
@@ -227,11 +227,9 @@ class TrainConfig:
         from_scratch = not (cfg.backbone_weights or cfg.pretrained or (cfg.pretrained is None and cfg.data))
         cfg.pretrained = bool(cfg.backbone_weights) or not from_scratch
         if cfg.head_epochs is None:
-            cfg.head_epochs = 0 if from_scratch else 3
-        if cfg.unfreeze_stages is None:
-            cfg.unfreeze_stages = ALL_STAGES if from_scratch else "1"
+            cfg.head_epochs = 0 if from_scratch else 1
         if cfg.lr_finetune is None:
-            cfg.lr_finetune = cfg.lr if from_scratch else 1e-4
+            cfg.lr_finetune = cfg.lr if from_scratch else 3e-4
         if cfg.num_workers is None:
             cfg.num_workers = min(8 if torch.cuda.is_available() else 4, max(0, (os.cpu_count() or 1) - 1))
         if is_stream(cfg.data, cfg.streaming):
