@@ -17,7 +17,7 @@ import random
 import re
 import shutil
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,9 @@ REPLAY_RNG = "replay_rng_{}.json"  # per process
 CHECKPOINT_NAME = re.compile(r"epoch_(\d+)(?:_step_(\d+))?")
 # settings that may change on --resume without a warning: they do not change what the run computes
 RESUME_FREE = {"resume", "output_dir", "keep_checkpoints", "num_workers", "cpu_threads", "epochs", "max_steps"}
+# settings that decide the optimizer's parameter groups (attrclf.optim.make_optimizer): a checkpoint's state loads only
+# into the same layout
+OPTIMIZER_LAYOUT = ("unfreeze_stages", "lr_layer_decay")
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -149,6 +152,7 @@ def read_checkpoint(path: Path, fingerprint: str, cfg: TrainConfig,
             f"same number of processes and batch size (the step count and learning-rate schedule depend on both)"
         )
     changed = [k for k, v in asdict(cfg).items() if k not in RESUME_FREE and saved["train_config"].get(k) != v]
+    check_optimizer_layout(path, saved["train_config"], cfg)
     if changed:
         accelerator.print(f"warning: resuming with settings that differ from the checkpoint's: {', '.join(changed)}")
     if saved["best"] is None:  # stopped inside the first epoch
@@ -157,6 +161,20 @@ def read_checkpoint(path: Path, fingerprint: str, cfg: TrainConfig,
     best = BestEpoch(**saved["best"], state=safetensors.torch.load_file(path / BEST_WEIGHTS),
                      probs=predictions["probs"], targets=predictions["targets"], mask=predictions["mask"].astype(bool))
     return RunState.from_dict(saved), best
+
+
+def check_optimizer_layout(path: Path, saved: dict, cfg: TrainConfig) -> None:
+    """Raise AttrclfError when the settings that decide which parameters the optimizer holds, and in which groups,
+    differ from the checkpoint's: its state could not be loaded into this run's optimizer. A setting the checkpoint
+    predates counts as its default."""
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    differ = [name for name in OPTIMIZER_LAYOUT if saved.get(name, defaults[name]) != getattr(cfg, name)]
+    if differ:
+        was = ", ".join(f"--{n.replace('_', '-')} {saved.get(n, defaults[n])}" for n in differ)
+        now = ", ".join(f"{getattr(cfg, n)}" for n in differ)
+        raise AttrclfError(f"--resume: checkpoint '{path}' was trained with {was}; this run asks for {now} (a "
+                           f"default may have changed since), so its optimizer holds other parameters. Add {was} "
+                           f"to the command to resume, or start afresh")
 
 
 def contiguous_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

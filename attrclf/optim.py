@@ -19,14 +19,16 @@ def make_optimizer(model: AttrClassifier, cfg: TrainConfig) -> torch.optim.Optim
     """
     stages = model.backbone_stages()
     count = len(stages) if cfg.unfreeze == ALL_STAGES else min(cfg.unfreeze, len(stages))
-    trained = stages[len(stages) - count:]
-    named = [("head", 1.0, list(model.head.parameters()))]
     by_name = dict(model.backbone.named_parameters())
-    for depth, names in enumerate(reversed(trained)):  # depth 0 = the last stage
-        named.append(("backbone", cfg.lr_layer_decay ** depth, [by_name[n] for n in names]))
+    parts: dict[tuple[str, float], list[torch.nn.Parameter]] = {("head", 1.0): list(model.head.parameters())}
+    for index, names in enumerate(stages[len(stages) - count:]):  # in the backbone's order, the last stage at depth 0
+        depth = count - 1 - index
+        # stages of one scale share a group: without layer decay, one backbone group in the backbone's parameter
+        # order, as before the option existed (a checkpoint's optimizer state is matched by position)
+        parts.setdefault(("backbone", cfg.lr_layer_decay ** depth), []).extend(by_name[n] for n in names)
     base = {"head": cfg.lr, "backbone": cfg.lr_finetune}
     groups = []
-    for part, scale, params in named:
+    for (part, scale), params in parts.items():
         for decay in (True, False):
             chosen = [p for p in params if (p.ndim > 1) == decay]
             if chosen:
