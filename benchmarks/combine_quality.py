@@ -7,7 +7,8 @@ Reads every finished run (DIR/runs/LABELS-VARIANT-sSEED/bench_result.json) of th
 campaigns of the same data set, split, epochs and size (their keys say so; a mismatch is an error). Prints the figures
 of benchmarks/quality_report.py (mean +- std over seeds) for each recipe and label set, every variant's test mAP minus
 the seed recipe's and minus each other variant's (paired by seed), the mAP drop when labels are hidden, and
-per-attribute test AP; writes benchmarks/results/combined_NAME.json.
+per-attribute test AP; writes benchmarks/results/combined_NAME.json and combined_NAME_curves.png (per-epoch validation
+mAP of every run).
 """
 
 import argparse
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from .bench_quality import RunResult, RunSpec
 from .common import RESULTS, table, write_result
-from .quality_report import SEED_RECIPE, fmt, paired, per_run_figures, summarise
+from .quality_report import SEED_RECIPE, fmt, paired, per_run_figures, plot_curves, summarise
 
 SAME = ("epochs", "image_size", "backbone", "test")  # key fields every combined run must share
 
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
         "folders": [str(f) for f in args.folders], "figures": figures,
         "summary": {f"{v} {ls}": s for (v, ls), s in summary.items()},
         "paired": pairs}, RESULTS)
-    print(f"wrote {path}")
+    png = plot_curves(specs, results, title=args.name, path=RESULTS / f"combined_{args.name}_curves.png")
+    print(f"wrote {path} and {png}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ Figures (each per recipe and label set, over the training seeds; std is the samp
   trainings running at once share the machine, so compare runs of one campaign only.
 """
 
+from pathlib import Path
+
 import numpy as np
 
 from .common import table, write_result
@@ -129,7 +131,7 @@ def report(args, split, specs, results) -> None:
     checks = {name: r.split_check for name, r in results.items() if r.split_check and r.split_check != "ok"}
     if checks:
         print("WARNING: validation split differs between attrclf and the seed recipe:", checks)
-    png = plot_curves(args, specs, results)
+    png = plot_curves(specs, results, title=args.dataset, path=args.out_dir.parent / f"quality_{args.tag}_curves.png")
     path = write_result(f"quality_{args.tag}", {
         "dataset": args.dataset, "seeds": args.seeds, "epochs": args.epochs, "image_size": args.image_size,
         "limit_groups": args.limit_groups, "backbone": args.backbone, "jobs": args.jobs, "threads": args.threads,
@@ -141,8 +143,9 @@ def report(args, split, specs, results) -> None:
     print(f"wrote {path} and {png}")
 
 
-def plot_curves(args, specs, results):
-    """Per-epoch validation mAP of every run: one panel per label set, a colour per recipe, a line style per seed."""
+def plot_curves(specs, results, *, title: str, path: Path) -> Path:
+    """Per-epoch validation mAP of every run: one panel per label set, a colour per recipe, a line style per seed;
+    written to `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,6 +153,7 @@ def plot_curves(args, specs, results):
 
     label_sets = list(dict.fromkeys(s.label_set for s in specs))
     recipes = list(dict.fromkeys(s.variant for s in specs))
+    seeds = sorted({s.seed for s in specs})
     styles = ["-", "--", ":", "-."]
     fig, axes = plt.subplots(1, len(label_sets), figsize=(6 * len(label_sets), 4.5), squeeze=False, sharey=True)
     for ax, label_set in zip(axes[0], label_sets, strict=True):
@@ -159,15 +163,14 @@ def plot_curves(args, specs, results):
             curve = results[s.name].curve
             color = f"C{recipes.index(s.variant)}"
             ax.plot([row["epoch"] for row in curve], [row["val_mAP"] for row in curve], color=color,
-                    linestyle=styles[args.seeds.index(s.seed) % len(styles)], marker=".",
-                    label=s.variant if s.seed == args.seeds[0] else None)
-        ax.set_title(f"{args.dataset}, {label_set} labels (line style = seed)")
+                    linestyle=styles[seeds.index(s.seed) % len(styles)], marker=".",
+                    label=s.variant if s.seed == seeds[0] else None)
+        ax.set_title(f"{title}, {label_set} labels (line style = seed)")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend()
     axes[0][0].set_ylabel("validation mAP")
     fig.tight_layout()
-    path = args.out_dir.parent / f"quality_{args.tag}_curves.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
