@@ -170,8 +170,9 @@ def train_attrclf(args, spec: RunSpec, split: Split, group_column: str) -> RunRe
     metrics = json.loads((model_dir / "metrics.json").read_text())
     history = json.loads((model_dir / "history.json").read_text())["epochs"]
     elapsed = np.cumsum(history["seconds"]).tolist()
-    curve = [{"epoch": e, "stage": s, "val_mAP": m, "elapsed": t}
-             for e, s, m, t in zip(history["epoch"], history["stage"], history["val_mAP"], elapsed, strict=True)]
+    curve = [{"epoch": e, "stage": s, "val_mAP": m, "val_mAP_ema": a, "elapsed": t}
+             for e, s, m, a, t in zip(history["epoch"], history["stage"], history["val_mAP"], history["val_mAP_ema"],
+                                      elapsed, strict=True)]
     predictor = Predictor.from_pretrained(str(model_dir), device="cpu")
     test_paths = [DATASETS[args.dataset][0] / "images" / name for name in split.test.names()]
     probs = predictor.predict_probs(test_paths, batch_size=64)

@@ -3,12 +3,14 @@
 Figures (each per recipe and label set, over the training seeds; std is the sample std, ddof=1):
 - test mAP, macro-F1 at 0.5, at the run's own thresholds, cross-fitted tuned macro-F1 and its gain over F1 at 0.5;
 - the mAP drop when labels are hidden and each attrclf variant's test mAP minus the seed recipe's (paired by seed);
-- the switch dip: the largest fall of validation mAP, after the first fine-tuning epoch, below the best validation mAP
-  of the head stage (0 when it never falls below; None without both stages);
+- the switch dip: the largest fall of validation mAP, at any fine-tuning epoch, below the best validation mAP of the
+  head stage (0 when it never falls below; None without both stages), of the raw weights and ("kept") of the weights
+  attrclf keeps at each epoch, the better of the raw ones and their moving average;
 - time to the seed's best validation mAP: seconds (cumulated epoch seconds of history.json / the seed's elapsed) until
   a run first reaches the best validation mAP of the seed recipe with the same seed and labels, as a fraction of the
-  seed's own time to it. Both see the same validation images, so the figures are comparable; with --jobs 2 the two
-  trainings running at once share the machine, so compare runs of one campaign only.
+  seed's own time to it (raw and kept, as for the dip). Both see the same validation images, so the figures are
+  comparable; with --jobs 2 the two trainings running at once share the machine, so compare runs of one campaign
+  only.
 """
 
 from pathlib import Path
@@ -30,6 +32,13 @@ def mean_std(values) -> tuple[float | None, float | None, int]:
 def fmt(stats, digits: int = 3) -> str:
     mean, std, _ = stats
     return "n/a" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def kept(curve: list[dict]) -> list[dict]:
+    """The curve of the weights a run keeps at each epoch: attrclf validates its raw weights and their moving average
+    (`val_mAP_ema`) and keeps the better (metrics.json `weights`); a run without an average keeps its one curve."""
+    return [{**row, "val_mAP": max(v for v in (row["val_mAP"], row.get("val_mAP_ema")) if v is not None)}
+            if row["val_mAP"] is not None else row for row in curve]
 
 
 def switch_dip(curve: list[dict]) -> float | None:
@@ -55,14 +64,16 @@ def per_run_figures(specs, results) -> dict:
         seed_best = max((row["val_mAP"] for row in seed_run.curve if row["val_mAP"] is not None), default=None) \
             if seed_run else None
         mine, seeds = seconds_to(r.curve, seed_best), seconds_to(seed_run.curve, seed_best) if seed_run else None
+        mine_kept = seconds_to(kept(r.curve), seed_best)
         figures[name] = {
             "mAP": t["mAP"], "f1_at_0.5": t["f1_macro_at_0.5"], "f1_own_thresholds": t["f1_macro_tuned"],
             "f1_crossfit": t["f1_macro_tuned_crossfit"],
             "crossfit_gain": None if t["f1_macro_tuned_crossfit"] is None or t["f1_macro_at_0.5"] is None
             else t["f1_macro_tuned_crossfit"] - t["f1_macro_at_0.5"],
-            "switch_dip": switch_dip(r.curve), "best_epoch": r.best_epoch, "epochs_run": r.epochs_run,
-            "train_seconds": r.train_seconds,
+            "switch_dip": switch_dip(r.curve), "switch_dip_kept": switch_dip(kept(r.curve)),
+            "best_epoch": r.best_epoch, "epochs_run": r.epochs_run, "train_seconds": r.train_seconds,
             "time_to_seed_best_fraction": None if mine is None or not seeds else mine / seeds,
+            "time_to_seed_best_fraction_kept": None if mine_kept is None or not seeds else mine_kept / seeds,
             "per_attribute_ap": {n: a["ap"] for n, a in t["per_attribute"].items()},
         }
     return figures
@@ -101,11 +112,11 @@ def report(args, split, specs, results) -> None:
     print(f"\n{args.dataset}, {len(split.test.rows)} test images, {n_seeds} seeds {args.seeds}, {args.epochs} epochs, "
           f"{args.image_size} px; mean ± std (ddof=1) over seeds")
     rows = [[f"{r} {ls}", *(fmt(summary[r, ls][k]) for k in ("mAP", "f1_at_0.5", "f1_own_thresholds", "f1_crossfit",
-                                                                "crossfit_gain", "switch_dip")),
+                                                                "crossfit_gain", "switch_dip", "switch_dip_kept")),
              fmt(summary[r, ls]["best_epoch"], 1), fmt(summary[r, ls]["train_seconds"], 0)]
             for ls in label_sets for r in recipes]
     print(table(rows, ["run", "test mAP", "macro-F1 @0.5", "@own thresholds", "tuned (cross-fit)",
-                       "cross-fit - @0.5", "switch dip (val)", "best epoch", "train s"]))
+                       "cross-fit - @0.5", "switch dip (val)", "dip (kept)", "best epoch", "train s"]))
     differences = {}
     if "hidden" in label_sets and "full" in label_sets:
         differences["mAP_drop_hidden"] = {r: paired(specs, figures, (r, "full"), (r, "hidden")) for r in recipes}
@@ -119,9 +130,10 @@ def report(args, split, specs, results) -> None:
         print(table([[k, fmt(v)] for k, v in differences["mAP_minus_seed"].items()],
                     ["test mAP minus the seed recipe's (same seed)", "mean ± std"]))
         print(table([[f"{r} {ls}", fmt(summary[r, ls]["time_to_seed_best_fraction"]),
-                      f"{summary[r, ls]['time_to_seed_best_fraction'][2]}/{n_seeds}"]
+                      f"{summary[r, ls]['time_to_seed_best_fraction'][2]}/{n_seeds}",
+                      fmt(summary[r, ls]["time_to_seed_best_fraction_kept"])]
                      for ls in label_sets for r in recipes if r != SEED_RECIPE],
-                    ["time to the seed's best val mAP / the seed's", "mean ± std", "reached"]))
+                    ["time to the seed's best val mAP / the seed's", "mean ± std", "reached", "kept weights"]))
     names = split.test.label_names
     test_targets = split.test.targets()
     columns = [(r, ls) for ls in label_sets for r in recipes]
