@@ -153,8 +153,8 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, accelerator: Accelerat
         logits = model(pixel_values)
         weight = None
         if pseudo is not None:  # NA entries the model's output (or the teacher's) decides on join the loss, weighted
-            targets, mask, weight = pseudo(labelling_logits(cfg, model, ema, pixel_values, accelerator, logits),
-                                           targets, mask)
+            source = teacher_logits(ema, pixel_values, accelerator) if cfg.na_policy == "teacher" else logits
+            targets, mask, weight = pseudo(source, targets, mask)
         loss = loss_fn(logits, targets, mask, weight)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
@@ -173,30 +173,6 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, accelerator: Accelerat
     if pseudo is not None:
         report_na_labels(pseudo, accelerator)
     return total / max(count, 1)
-
-
-def labelling_logits(cfg: TrainConfig, model, ema, pixel_values: torch.Tensor, accelerator: Accelerator,
-                     logits: torch.Tensor) -> torch.Tensor:
-    """The logits an NA labeller reads for a training batch: the weight average's (teacher), the model's own in eval
-    mode (pseudo: no dropout, running BatchNorm statistics; the training pass's are noised by the head's dropout, which
-    keeps true positives below a high threshold), or the training pass's `logits` (selective)."""
-    if cfg.na_policy == "teacher":
-        return teacher_logits(ema, pixel_values, accelerator)
-    if cfg.na_policy == "pseudo":
-        return eval_logits(model, pixel_values, accelerator)
-    return logits
-
-
-@torch.no_grad()
-def eval_logits(model, pixel_values: torch.Tensor, accelerator: Accelerator) -> torch.Tensor:
-    """The training model's logits for a batch in eval mode, then back to training mode (which restores the frozen
-    stages' BatchNorm modes: AttrClassifier.train). No random numbers are drawn, so a resumed epoch stays exact."""
-    model.eval()
-    try:
-        with accelerator.autocast():
-            return model(pixel_values).float()
-    finally:
-        model.train()
 
 
 @torch.no_grad()
