@@ -214,9 +214,8 @@ class PseudoLabeller:
     Multi-label Classification with Partial Labels"): a growing share of the missing labels is filled in with the
     model's own most confident predictions.
 
-    Online: no extra pass over the data, one extra forward per batch (engine.labelling_logits: the model in eval mode,
-    without dropout). In a training step, an NA entry whose detached probability is <= `low` joins the loss as a
-    pseudo-negative and one >= `high` as a pseudo-positive, with weight `weight` (known labels weigh 1).
+    Online: no extra pass over the data. In a training step, an NA entry whose detached probability is <= `low` joins
+    the loss as a pseudo-negative and one >= `high` as a pseudo-positive, with weight `weight` (known labels weigh 1).
     The probability is the model's with the loss's `pos_weight` taken out (`unweighted_probs`): the raw sigmoid of a
     model trained with pos_weight w calls an entry with a 43% chance of being present 95% sure at w 25, and those
     entries would become pseudo-positives.

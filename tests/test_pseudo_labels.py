@@ -96,23 +96,6 @@ def test_thresholds_apply_to_probabilities_with_the_pos_weight_taken_out():
     cfg = TrainConfig(data="x", backbone_weights="w", na_policy="pseudo", head_epochs=0, epochs=2).resolve()
     assert na_labeller(cfg, 0, pos_weight=torch.tensor([25.0])).pos_weight.tolist() == [25.0]
 
-def test_pseudo_labels_read_the_model_in_eval_mode_and_leave_it_training(tiny_model_factory):
-    model = tiny_model_factory()
-    model.set_trainable(1)  # layer4 trains; the frozen stages' BatchNorm stays in eval mode
-    model.train()
-    modes = [m.training for m in model.modules()]
-    pixel_values = torch.randn(4, 3, 32, 32)
-    cfg = TrainConfig(data="x", backbone_weights="w", na_policy="pseudo").resolve()
-    with torch.no_grad():
-        dropped = model(pixel_values)  # the training pass: dropout in the head
-    source = engine.labelling_logits(cfg, model, None, pixel_values, Accelerator(cpu=True), dropped)
-    assert [m.training for m in model.modules()] == modes  # back in training mode, frozen BatchNorms still eval
-    with torch.no_grad():
-        expected = model.eval()(pixel_values)
-    assert torch.equal(source, expected) and not torch.equal(source, dropped)
-    selective = TrainConfig(data="x", backbone_weights="w", na_policy="selective").resolve()
-    assert engine.labelling_logits(selective, model, None, pixel_values, Accelerator(cpu=True), dropped) is dropped
-
 def test_pseudo_labels_carry_no_gradient_of_their_own_and_nan_stays_na():
     logits, targets, mask = hand_batch()
     logits = logits.clone().requires_grad_(True)
