@@ -47,7 +47,7 @@ def _opt(help_text: str, default=None, **extra):
 class TrainConfig:
     """Optimisation and data settings of one run; saved as train_config.json, never in config.json.
 
-    `None` on pretrained / head_epochs / lr_finetune / image_size / epochs / batch_size / lr
+    `None` on pretrained / head_epochs / unfreeze_stages / lr_finetune / image_size / epochs / batch_size / lr
     means "decide from the run" (data or demo, pretrained or from scratch):
     see `resolve`.
     """
@@ -89,8 +89,9 @@ class TrainConfig:
     weight_decay: float = _opt("AdamW weight decay (not applied to norms and biases)", 1e-2)
     head_epochs: int | None = _opt("epochs that train the head alone before unfreezing (default: 1 pretrained, "
                                    "0 from scratch)")
-    unfreeze_stages: str = _opt("backbone stages to unfreeze after the head epochs: a number (1 = the last, e.g. "
-                                "ResNet's layer4) or 'all', the whole backbone", ALL_STAGES)
+    unfreeze_stages: str | None = _opt("backbone stages to unfreeze after the head epochs: a number (1 = the last, "
+                                       "stride 32, e.g. ResNet's layer4; 2 adds the stride-16 stage, layer3) or 'all', "
+                                       "the whole backbone (default: 2 pretrained, all from scratch)")
     early_stop_patience: int = _opt("stop after this many epochs without a better validation mAP", 5)
     loss: str = _opt("loss over known labels: bce, asl (asymmetric loss) or focal", "bce", choices=sorted(LOSSES))
     loss_average: str = _opt("how a batch's loss averages its known labels: 'entries' (every known label weighs the "
@@ -228,6 +229,8 @@ class TrainConfig:
         cfg.pretrained = bool(cfg.backbone_weights) or not from_scratch
         if cfg.head_epochs is None:
             cfg.head_epochs = 0 if from_scratch else 1
+        if cfg.unfreeze_stages is None:
+            cfg.unfreeze_stages = ALL_STAGES if from_scratch else "2"
         if cfg.lr_finetune is None:
             cfg.lr_finetune = cfg.lr if from_scratch else 3e-4
         if cfg.num_workers is None:

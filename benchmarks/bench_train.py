@@ -8,8 +8,9 @@ training pass over `--steps` batches (after one warm-up batch each); in stage 2 
 that load from other jobs on a shared machine falls on both alike. Stage 1 is the head-only stage (3 epochs in both
 recipes): the seed runs the frozen backbone on every augmented image in every epoch and validates the whole model;
 attrclf runs the backbone once per training and validation image, then trains and validates the head on the stored
-features. Stage 2 trains the head and the backbone on augmented images: attrclf's default, the whole backbone
-(`--unfreeze-stages all`); the seed's, its last stage only (`--unfreeze-stages 1` gives attrclf the seed's share).
+features. Stage 2 trains the head and the backbone on augmented images: attrclf's default for a pretrained backbone,
+its last two stages (`--unfreeze-stages 2`); the seed's, its last stage only (`--unfreeze-stages 1` gives attrclf the
+seed's share).
 Random weights: speed does not depend on them. Time to the baseline's best validation mAP comes from bench_quality's
 full runs.
 """
@@ -174,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=4, help="stage 2 alternates attrclf and seed in this many rounds")
     parser.add_argument("--batch-size", type=int, default=32, help="attrclf's batch (the seed's is 16)")
     parser.add_argument("--mixed-precision", default="auto")
-    parser.add_argument("--unfreeze-stages", default="all", help="attrclf's stage 2 (its default: all; the seed: 1)")
+    parser.add_argument("--unfreeze-stages", default=None, help="attrclf's stage 2 (default: attrclf's for a "
+                        "pretrained backbone, 2; the seed: 1)")
     parser.add_argument("--num-workers", type=int, default=None, help="both recipes (default: attrclf's choice)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-seed", action="store_true")

@@ -53,14 +53,14 @@ def test_resume_flags_and_a_fresh_run_never_overwrites_an_interrupted_one(tmp_pa
 
 
 def test_a_checkpoint_with_another_optimizer_layout_is_refused_by_name(tmp_path):
-    cfg = parse_args(["--data", "x", "--backbone-weights", "w"]).resolve()  # today's default: every stage
+    cfg = parse_args(["--data", "x", "--backbone-weights", "w"]).resolve()  # today's default: the last 2 stages
     older = {"unfreeze_stages": "1"}  # written before the default changed, and before --lr-layer-decay existed
     with pytest.raises(AttrclfError) as error:
         check_optimizer_layout(tmp_path / "epoch_0002", older, cfg)
     assert str(error.value) == (
-        f"--resume: checkpoint '{tmp_path / 'epoch_0002'}' was trained with --unfreeze-stages 1; this run asks for all "
+        f"--resume: checkpoint '{tmp_path / 'epoch_0002'}' was trained with --unfreeze-stages 1; this run asks for 2 "
         f"(a default may have changed since), so its optimizer holds other parameters. Add --unfreeze-stages 1 to the "
         f"command to resume, or start afresh")
-    check_optimizer_layout(tmp_path, {"unfreeze_stages": "all"}, cfg)  # a missing lr_layer_decay is its default, 1
+    check_optimizer_layout(tmp_path, {"unfreeze_stages": "2"}, cfg)  # a missing lr_layer_decay is its default, 1
     with pytest.raises(AttrclfError, match="--lr-layer-decay 0.5"):
-        check_optimizer_layout(tmp_path, {"unfreeze_stages": "all", "lr_layer_decay": 0.5}, cfg)
+        check_optimizer_layout(tmp_path, {"unfreeze_stages": "2", "lr_layer_decay": 0.5}, cfg)

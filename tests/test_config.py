@@ -15,7 +15,7 @@ def test_automatic_defaults_for_the_demo_and_for_data():
     assert (demo.pretrained, demo.head_epochs, demo.unfreeze_stages, demo.lr_finetune) == (False, 0, "all", 3e-3)
     data = TrainConfig(data="some/folder/x", backbone_weights="w.safetensors").resolve()
     assert (data.image_size, data.epochs, data.batch_size, data.lr) == (None, 30, 32, 2e-3)
-    assert (data.pretrained, data.head_epochs, data.unfreeze_stages, data.lr_finetune) == (True, 1, "all", 3e-4)
+    assert (data.pretrained, data.head_epochs, data.unfreeze_stages, data.lr_finetune) == (True, 1, "2", 3e-4)
     assert data.resolve() == data  # resolving twice decides nothing new
 
 
