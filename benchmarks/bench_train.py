@@ -6,11 +6,11 @@
 End to end means decoding, augmentation, the forward, the backward and the optimiser step: images / wall seconds of a
 training pass over `--steps` batches (after one warm-up batch each); in stage 2 the two recipes alternate in rounds so
 that load from other jobs on a shared machine falls on both alike. Stage 1 is the head-only stage (3 epochs in both
-recipes): the seed runs the frozen backbone on every augmented image in every epoch and validates the whole model;
-attrclf runs the backbone once per training and validation image, then trains and validates the head on the stored
-features. Stage 2 trains the head and the backbone on augmented images: attrclf's default for a pretrained backbone,
-its last two stages (`--unfreeze-stages 2`); the seed's, its last stage only (`--unfreeze-stages 1` gives attrclf the
-seed's share).
+recipes, the seed's count; attrclf's default is now 1): the seed runs the frozen backbone on every augmented image in
+every epoch and validates the whole model; attrclf runs the backbone once per training and validation image, then trains
+and validates the head on the stored features. Stage 2 trains the head and the backbone on augmented images: attrclf's
+default for a pretrained backbone, its last two stages (`--unfreeze-stages 2`); the seed's, its last stage only
+(`--unfreeze-stages 1` gives attrclf the seed's share).
 Random weights: speed does not depend on them. Time to the baseline's best validation mAP comes from bench_quality's
 full runs.
 """
@@ -55,7 +55,7 @@ class SeedRunner:
 
     def __init__(self, cfg: seed_baseline.SeedConfig):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        names, self.train_loader, self.val_loader, pos_weight = seed_baseline.make_loaders(cfg)
+        names, self.train_loader, self.val_loader, _, pos_weight = seed_baseline.make_loaders(cfg)  # no test list
         self.model = seed_baseline.SeedModel(cfg.backbone, len(names)).to(self.device)
         self.pos_weight = pos_weight.to(self.device)
 
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as workdir:
         labels = subset_labels(args.data_dir, Path(workdir) / "labels.txt", args.limit_groups or None)
         cfg = TrainConfig(data=str(args.data_dir), labels=str(labels), images=str(args.data_dir / "images"),
-                          group_column=GROUP_COLUMN, backbone=args.backbone, pretrained=True,
+                          group_column=GROUP_COLUMN, backbone=args.backbone, pretrained=True, head_epochs=3,
                           image_size=args.image_size, batch_size=args.batch_size, num_workers=args.num_workers,
                           cpu_threads=args.threads, unfreeze_stages=args.unfreeze_stages,
                           mixed_precision=args.mixed_precision).resolve()
