@@ -64,13 +64,14 @@ def per_run_figures(specs, results) -> dict:
         seed_best = max((row["val_mAP"] for row in seed_run.curve if row["val_mAP"] is not None), default=None) \
             if seed_run else None
         mine, seeds = seconds_to(r.curve, seed_best), seconds_to(seed_run.curve, seed_best) if seed_run else None
-        mine_kept = seconds_to(kept(r.curve), seed_best)
+        kept_curve = kept(r.curve)
+        mine_kept = seconds_to(kept_curve, seed_best)
         figures[name] = {
             "mAP": t["mAP"], "f1_at_0.5": t["f1_macro_at_0.5"], "f1_own_thresholds": t["f1_macro_tuned"],
             "f1_crossfit": t["f1_macro_tuned_crossfit"],
             "crossfit_gain": None if t["f1_macro_tuned_crossfit"] is None or t["f1_macro_at_0.5"] is None
             else t["f1_macro_tuned_crossfit"] - t["f1_macro_at_0.5"],
-            "switch_dip": switch_dip(r.curve), "switch_dip_kept": switch_dip(kept(r.curve)),
+            "switch_dip": switch_dip(r.curve), "switch_dip_kept": switch_dip(kept_curve),
             "best_epoch": r.best_epoch, "epochs_run": r.epochs_run, "train_seconds": r.train_seconds,
             "time_to_seed_best_fraction": None if mine is None or not seeds else mine / seeds,
             "time_to_seed_best_fraction_kept": None if mine_kept is None or not seeds else mine_kept / seeds,
