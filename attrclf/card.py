@@ -163,6 +163,11 @@ def na_summary(train_config: dict) -> str:
                 "over known labels only; in the training loss, each NA entry took the weight average's (a mean "
                 "teacher's) probability as a soft target, weighted by how certain it was (`--na-policy teacher`, "
                 "see the training procedure).")
+    if policy == "fixmatch":
+        return ("NA entries never entered the metrics or the threshold search and the positive weights were counted "
+                "over known labels only; in the training loss, from the first fine-tuning epoch on, an NA entry the "
+                "model was sure of on the training view of an image became a pseudo-label learnt on a stronger view "
+                "of the same image (`--na-policy fixmatch`, see the training procedure).")
     return ("NA entries never entered the loss (they are masked out of the mean and the gradients), the metrics or "
             "the threshold search, and the positive weights were counted over known labels only.")
 
@@ -193,6 +198,18 @@ def na_procedure(train_config: dict) -> str:
                 f"NA entry took its probability p as a soft target (corrected for the positive weight), with loss "
                 f"weight {train_config.get('teacher_weight', 0.5):g} x |2p - 1| (known labels 1). Validation, the "
                 f"best epoch, the thresholds and every count saw real labels only")
+    if policy == "fixmatch":
+        from .device_augment import STRONG_CROP_SCALE  # torch only when a card has this line
+
+        threshold = train_config.get("fixmatch_threshold", 0.95)
+        return (f"`--na-policy fixmatch`, FixMatch (Sohn et al., NeurIPS 2020) entry by entry: NA entries left out of "
+                f"the loss in the head stage; from the first fine-tuning epoch on, each training batch also went "
+                f"through the model as a stronger view (a random resized crop keeping at least "
+                f"{STRONG_CROP_SCALE:.0%} of the image, stronger colour jitter, no erasing), and an NA entry whose "
+                f"probability on the usual view (with pos_weight taken out) was at least {threshold:g} became a pseudo-positive and at most "
+                f"{1 - threshold:.2g} a pseudo-negative on the strong view; their loss, over the batch's NA entries, "
+                f"was added with weight {train_config.get('fixmatch_weight', 1.0):g} to the known labels' mean. "
+                f"Validation, the best epoch, the thresholds and every count saw real labels only")
     if policy == "negative":
         return "`--na-policy negative`: NA counted as absent (0) in the training loss"
     return "`--na-policy ignore`: NA left out of the loss"

@@ -111,7 +111,10 @@ class TrainConfig:
                           "'selective' counts an NA entry as a down-weighted negative where its attribute is rare "
                           "and the model does not find it likely, after CSL (see --selective-*), 'teacher' gives "
                           "every NA entry the weight average's probability as a soft target, weighted by how sure it "
-                          "is (a mean teacher; needs --ema-decay, see --teacher-weight). "
+                          "is (a mean teacher; needs --ema-decay, see --teacher-weight), 'fixmatch' labels an NA "
+                          "entry the model is sure of on the training view and learns that label on a stronger "
+                          "view of the same image, from the first fine-tuning epoch on (FixMatch; see --fixmatch-*; "
+                          "augments on the device). "
                           "Validation metrics and threshold tuning always skip NA", "ignore",
                           choices=list(NA_POLICIES))
     pseudo_low: float = _opt("--na-policy pseudo: an NA entry whose probability is at most this becomes a "
@@ -129,6 +132,11 @@ class TrainConfig:
                                    "label weighs 1)", 0.5)
     teacher_weight: float = _opt("--na-policy teacher: loss weight of an NA entry the teacher is certain of (it "
                                  "falls to 0 as the teacher's probability nears 0.5; a known label weighs 1)", 0.5)
+    fixmatch_threshold: float = _opt("--na-policy fixmatch: an NA entry whose probability on the weak view (pos_weight "
+                                     "taken out) is at least this becomes a pseudo-positive, at most 1 minus this a "
+                                     "pseudo-negative", 0.95)
+    fixmatch_weight: float = _opt("--na-policy fixmatch: weight of the pseudo-labels' term (their loss on the strong "
+                                  "view over the batch's NA entries) beside the known labels' mean", 1.0)
     pos_weight_cap: float = _opt("upper bound of the per-attribute positive weight (negatives / positives)", 50.0)
     geometry: str = _opt("'whole': every image is resized whole to the input size, in training and evaluation "
                          "(nothing is cropped, so a small mark near the border stays in view: the multilabel "
@@ -275,6 +283,15 @@ class TrainConfig:
         if self.na_policy == "teacher" and not self.ema_decay:
             raise AttrclfError("--na-policy teacher needs the weight average that labels the NA entries: drop "
                                "--ema-decay 0 (or choose another --na-policy)")
+        if not (0.5 < self.fixmatch_threshold <= 1 and self.fixmatch_weight > 0):
+            raise AttrclfError(f"--na-policy fixmatch needs --fixmatch-threshold in (0.5, 1] and --fixmatch-weight > 0 "
+                               f"(got {self.fixmatch_threshold:g}, {self.fixmatch_weight:g})")
+        if self.na_policy == "fixmatch" and (self.mixup or self.cutmix):
+            raise AttrclfError("--na-policy fixmatch labels each image from its own weak view, which --mixup / "
+                               "--cutmix blend with another: drop them (or choose another --na-policy)")
+        if self.na_policy == "fixmatch" and self.augment_on == "loader":
+            raise AttrclfError("--na-policy fixmatch makes its two views of each image from the same uint8 rows on the "
+                               "training device: drop --augment-on loader (or choose another --na-policy)")
         if not 0 < self.teacher_weight <= 1:
             raise AttrclfError(f"--teacher-weight must be in (0, 1] (got {self.teacher_weight:g})")
         if not (0 <= self.selective_max_prior <= 1 and 0 < self.selective_likely <= 1
@@ -311,6 +328,10 @@ class TrainConfig:
             if getattr(self, name):
                 raise AttrclfError(f"--{name.replace('_', '-')} needs the whole dataset in memory; it cannot be "
                                    f"combined with a stream (--streaming or shards in --data)")
+        if self.na_policy == "fixmatch":
+            raise AttrclfError("--na-policy fixmatch makes two views of each image from the decoded rows on the "
+                               "training device, which a stream (--streaming or shards in --data) augments in its "
+                               "own pool: choose another --na-policy")
 
     def loss_options(self) -> dict:
         """The --asl-* / --focal-* settings of the chosen loss, as keyword arguments of its class."""

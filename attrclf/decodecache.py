@@ -389,7 +389,10 @@ def decode_cache(cfg, accelerator) -> DecodeCache | None:
 
 
 def augment_on(cfg, accelerator) -> str:
-    """--augment-on; "auto" by the device, as measured (benchmarks/README.md, "Data at scale")."""
+    """--augment-on; "auto" by the device, as measured (benchmarks/README.md, "Data at scale"), and always the device
+    under --na-policy fixmatch (its second view is made from the same uint8 rows)."""
+    if cfg.na_policy == "fixmatch":
+        return "device"
     if cfg.augment_on != "auto":
         return cfg.augment_on
     return "loader" if accelerator.device.type == "cpu" else "device"

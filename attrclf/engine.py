@@ -30,11 +30,12 @@ from .checkpoints import (
 )
 from .config import TrainConfig, is_stream
 from .decodecache import augment_on, data_path, decode_cache
+from .device_augment import strong_view
 from .ema import make_ema, update_ema
 from .headcache import CachedHeadStage, uses_feature_cache
 from .labels import compute_pos_weight, label_counts, training_counts
 from .loader import DecodeFailures, balanced_sample_weights, make_loader
-from .losses import PseudoLabeller, SelectiveNegatives, TeacherTargets, apply_na_policy, build_loss
+from .losses import PseudoLabeller, SelectiveNegatives, TeacherTargets, ViewPseudoLabels, apply_na_policy, build_loss
 from .model import ALL_STAGES, AttrClassifier, AttrConfig
 from .optim import current_lrs, lr_factor, make_optimizer, set_lrs, stage_at
 from .outputs import check_space, sweep, writing
@@ -97,21 +98,27 @@ def training_batch(cfg: TrainConfig, augment=None):
     return prepare
 
 
+NALabeller = PseudoLabeller | SelectiveNegatives | TeacherTargets | ViewPseudoLabels
+
+
 def na_labeller(cfg: TrainConfig, epoch: int, priors: torch.Tensor | None = None,
-                pos_weight: torch.Tensor | None = None) -> PseudoLabeller | SelectiveNegatives | TeacherTargets | None:
+                pos_weight: torch.Tensor | None = None) -> NALabeller | None:
     """The labeller of NA entries for `epoch` (0-based), called after the forward pass; None under "ignore" and
     "negative". "pseudo": its thresholds on the curriculum over the fine-tuning epochs, none in the head stage (the
     head's first guesses are poor). "selective": every epoch, with the training split's priors. "teacher": every
-    epoch (the weight average starts as the pretrained model plus the first head steps and follows from there). The
-    pseudo-labels' thresholds and the teacher's targets apply to probabilities with the loss's `pos_weight` taken out
+    epoch (the weight average starts as the pretrained model plus the first head steps and follows from there).
+    "fixmatch": in the fine-tuning epochs (the strong view needs the backbone training). The pseudo-labels'
+    thresholds and the teacher's targets apply to probabilities with the loss's `pos_weight` taken out
     (losses.unweighted_probs)."""
     if cfg.na_policy == "teacher":
         return TeacherTargets(weight=cfg.teacher_weight, pos_weight=pos_weight)
     if cfg.na_policy == "selective":
         return SelectiveNegatives(priors, max_prior=cfg.selective_max_prior, likely=cfg.selective_likely,
                                   weight=cfg.selective_weight)
-    if cfg.na_policy != "pseudo" or stage_at(epoch, cfg) != "finetune":
+    if cfg.na_policy not in ("pseudo", "fixmatch") or stage_at(epoch, cfg) != "finetune":
         return None
+    if cfg.na_policy == "fixmatch":
+        return ViewPseudoLabels(threshold=cfg.fixmatch_threshold, weight=cfg.fixmatch_weight, pos_weight=pos_weight)
     return PseudoLabeller.for_epoch(epoch - cfg.head_epochs, cfg.epochs - cfg.head_epochs, low=cfg.pseudo_low,
                                     high=cfg.pseudo_high, weight=cfg.pseudo_weight, pos_weight=pos_weight)
 
@@ -123,7 +130,7 @@ def selective_priors(data: AttrData, cfg: TrainConfig) -> torch.Tensor | None:
     return torch.tensor(label_counts(data.train["labels"], len(data.label_names)).positive_share)
 
 
-def report_na_labels(labeller: PseudoLabeller | SelectiveNegatives | TeacherTargets, accelerator: Accelerator) -> None:
+def report_na_labels(labeller: NALabeller, accelerator: Accelerator) -> None:
     """The epoch's counts of labelled NA entries over every process, in one log line."""
     totals = accelerator.reduce(torch.tensor(labeller.tallies(), device=accelerator.device), reduction="sum")
     accelerator.print(labeller.summary(totals.tolist()))
@@ -131,10 +138,12 @@ def report_na_labels(labeller: PseudoLabeller | SelectiveNegatives | TeacherTarg
 
 def train_one_epoch(model, loader, optimizer, loss_fn, *, accelerator: Accelerator, state: RunState,
                     cfg: TrainConfig, epoch: int, ema=None, priors: torch.Tensor | None = None,
-                    augment=None, replay: Replay | None = None) -> float:
+                    augment=None, strong=None, replay: Replay | None = None) -> float:
     """One pass over the training loader; appends per-iteration losses to state.history and folds each step into
     the weight average `ema` (attrclf.ema) when there is one; `priors` (A,) are the known training labels' positive
-    shares, which --na-policy selective needs; `augment` augments uint8 batches on the device. Returns the mean
+    shares, which --na-policy selective needs; `augment` augments uint8 batches on the device, and `strong` makes
+    the second, stronger view of the same uint8 batch that --na-policy fixmatch learns its pseudo-labels on (both
+    views go through the model in one forward pass, so BatchNorm sees them together). Returns the mean
     loss. `replay` skips the steps a mid-epoch checkpoint had trained; a stop signal ends it at a step boundary
     (attrclf.preemption)."""
     model.train()
@@ -146,16 +155,22 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, accelerator: Accelerat
     total, count = sum(done), len(done)
     bar = progress(loader, accelerator, f"epoch {epoch + 1}/{cfg.epochs} [{stage_at(epoch, cfg)}]")
     before_fetch = RandomState.capture()  # what a mid-epoch checkpoint needs to draw the same next batch (Replay)
+    two_views = isinstance(pseudo, ViewPseudoLabels)
     for batch in (replay.skip(bar) if replay else bar):
         pixel_values, targets, mask = prepare(*batch)
         set_lrs(optimizer, cfg, lr_factor(state.step, steps_per_epoch, cfg),
                 lr_factor(state.step, steps_per_epoch, cfg, part="head"))
-        logits = model(pixel_values)
+        if two_views:  # the stronger view of the same uint8 rows, through the model with the weak one
+            logits, strong_logits = model(torch.cat([pixel_values, strong(batch[0], *batch[3:])])).chunk(2)
+        else:
+            logits = model(pixel_values)
         weight = None
-        if pseudo is not None:  # NA entries the model's output (or the teacher's) decides on join the loss, weighted
+        if pseudo is not None and not two_views:  # NA entries the model (or the teacher) decides on join the loss
             source = teacher_logits(ema, pixel_values, accelerator) if cfg.na_policy == "teacher" else logits
             targets, mask, weight = pseudo(source, targets, mask)
         loss = loss_fn(logits, targets, mask, weight)
+        if two_views:  # FixMatch's term: what the weak view is sure of, learnt on the strong view
+            loss = loss + pseudo.term(loss_fn, logits, strong_logits, mask)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
@@ -218,6 +233,7 @@ class TrainingParts:
     ema: torch.nn.Module | None = None  # timm ModelEmaV3: the moving average of the weights (attrclf.ema)
     priors: torch.Tensor | None = None  # (A,) positive share of the known training labels (--na-policy selective)
     device_augment: object = None  # device_augment.DeviceAugment under --augment-on device
+    strong_augment: object = None  # its stronger view (device_augment.strong_view) under --na-policy fixmatch
 
 
 @dataclass
@@ -268,6 +284,7 @@ def setup_training(model: AttrClassifier, data: AttrData, cfg: TrainConfig, acce
     return TrainingParts(model, loss_fn, make_optimizer(model, cfg), train_loader, val_loader,
                          train_failures=train_failures, val_failures=val_failures, pos_weight=pos_weight,
                          head_stage=head_stage, ema=make_ema(model, cfg), device_augment=path.augment,
+                         strong_augment=strong_view(path.augment) if cfg.na_policy == "fixmatch" else None,
                          priors=selective_priors(data, cfg))
 
 
@@ -380,7 +397,8 @@ def run_epoch(prepared: Prepared, parts: TrainingParts, cfg: TrainConfig, accele
     else:
         train_loss = train_one_epoch(prepared.model, prepared.train_loader, prepared.optimizer, parts.loss_fn,
                                      accelerator=accelerator, state=run, cfg=cfg, epoch=epoch, ema=parts.ema,
-                                     priors=parts.priors, augment=parts.device_augment, replay=replay)
+                                     priors=parts.priors, augment=parts.device_augment,
+                                     strong=parts.strong_augment, replay=replay)
         validations = {"raw": evaluate(prepared.model, prepared.val_loader, parts.loss_fn, accelerator)}
         if parts.ema is not None:
             validations["ema"] = evaluate(parts.ema.module, prepared.val_loader, parts.loss_fn, accelerator)

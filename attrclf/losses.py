@@ -10,7 +10,9 @@ pos_weight 1). The NA policy decides, for training batches only, whether NA stay
 as a negative ("negative", `apply_na_policy`), is pseudo-labelled where the model is confident ("pseudo",
 `PseudoLabeller`, after the forward pass), counts as a down-weighted negative where the attribute is rare and the
 model does not find it likely ("selective", `SelectiveNegatives`, after the forward pass), or takes the weight
-average's probability as a soft target ("teacher", `TeacherTargets`, a mean teacher).
+average's probability as a soft target ("teacher", `TeacherTargets`, a mean teacher), or is labelled where the model
+is confident on the training view and that label is learnt on a strongly augmented view of the same image ("fixmatch",
+`ViewPseudoLabels`, a loss term of its own).
 """
 
 from dataclasses import dataclass
@@ -22,8 +24,9 @@ from torch import nn
 from .errors import AttrclfError
 
 # what training does with NA: leave it out of the loss, call it 0, pseudo-label the confident ones, call it a
-# weighted 0 where the attribute is rare and the model finds it unlikely, or let the weight average label it softly
-NA_POLICIES = ("ignore", "negative", "pseudo", "selective", "teacher")
+# weighted 0 where the attribute is rare and the model finds it unlikely, let the weight average label it softly, or
+# label it where the model is confident on one view of the image and train that label on a stronger view
+NA_POLICIES = ("ignore", "negative", "pseudo", "selective", "teacher", "fixmatch")
 # how a batch's per-entry losses become one number: the mean over its known entries, or over its attributes (each
 # attribute's mean over its known entries): see masked_mean
 LOSS_AVERAGES = ("entries", "attributes")
@@ -31,12 +34,12 @@ LOSS_AVERAGES = ("entries", "attributes")
 
 def apply_na_policy(targets: torch.Tensor, mask: torch.Tensor, policy: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Training targets and mask under --na-policy: "ignore" leaves NA out of the loss; "negative" counts it as 0;
-    "pseudo", "selective" and "teacher" leave it out here, as "ignore" does (their labels need a model's output: see
-    PseudoLabeller, SelectiveNegatives and TeacherTargets).
+    "pseudo", "selective", "teacher" and "fixmatch" leave it out here, as "ignore" does (their labels need a model's
+    output: see PseudoLabeller, SelectiveNegatives, TeacherTargets and ViewPseudoLabels).
 
     Only training batches go through this: validation metrics and threshold tuning always skip NA.
     """
-    if policy in ("ignore", "pseudo", "selective", "teacher"):
+    if policy in ("ignore", "pseudo", "selective", "teacher", "fixmatch"):
         return targets, mask
     if policy == "negative":
         return torch.where(mask, targets, torch.zeros_like(targets)), torch.ones_like(mask)
@@ -390,6 +393,71 @@ class TeacherTargets:
         labelled, confidence = tallies
         return (f"  teacher NA this epoch: {int(labelled)} soft target(s), mean certainty "
                 f"{confidence / max(labelled, 1):.3f} (weight {self.weight:g} x certainty)")
+
+
+# ---------------------------------------------------------------- --na-policy fixmatch
+
+
+@dataclass
+class ViewPseudoLabels:
+    """Pseudo-labels across two views, after FixMatch (Sohn et al., NeurIPS 2020, "FixMatch: Simplifying
+    Semi-Supervised Learning with Consistency and Confidence") applied entry by entry to partial multilabel annotations.
+
+    Each training image comes as two views: the usual augmentation (weak) and a stronger one of the same image
+    (`device_augment.strong_view`). Known labels train on the weak view as always. An NA entry whose detached
+    probability on the weak view (with the loss's `pos_weight` taken out, `unweighted_probs`) is at least `threshold`
+    becomes a pseudo-positive, at most 1 - `threshold` a pseudo-negative, and that label is learnt on the STRONG view:
+    a confident guess adds a gradient only where the model does not yet give the same answer on another view of the
+    image, so it teaches invariance instead of repeating what the model already says (the weakness of labelling the
+    very view one trains on). The term is FixMatch's: the loss over the pseudo-labelled entries divided by the number
+    of NA entries in the batch (an unconfident entry counts as 0), times `weight`; so it does not dilute the known
+    labels' mean, and its size follows the share of NA entries the model is sure of.
+
+    Training batches only: validation, the best epoch, the thresholds and the label counts see the real labels.
+
+    Attributes:
+        threshold: Unweighted probability on the weak view at which an NA entry is pseudo-labelled (> 0.5).
+        weight: Weight of the term beside the known labels' mean (FixMatch's lambda_u).
+        pos_weight: (A,) the loss's positive weights, or None.
+        positives: Pseudo-positives made so far (this process).
+        negatives: Pseudo-negatives made so far (this process).
+    """
+
+    threshold: float
+    weight: float
+    pos_weight: torch.Tensor | None = None
+    positives: int = 0
+    negatives: int = 0
+
+    def labels(self, weak_logits: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A) weak-view logits and known-label mask -> pseudo targets and the bool mask of pseudo-labelled
+        entries (NA entries only; a NaN probability stays out)."""
+        probs = unweighted_probs(weak_logits, self.pos_weight)
+        positive = ~mask & (probs >= self.threshold)
+        negative = ~mask & (probs <= 1.0 - self.threshold)
+        self.positives += int(positive.sum())
+        self.negatives += int(negative.sum())
+        return positive.to(weak_logits.dtype), positive | negative
+
+    def term(self, loss_fn: nn.Module, weak_logits: torch.Tensor, strong_logits: torch.Tensor,
+             mask: torch.Tensor) -> torch.Tensor:
+        """The loss term of the NA entries: `weight` x (sum of `loss_fn`'s per-entry loss on the strong view over the
+        pseudo-labelled entries) / (NA entries in the batch); 0 (with a gradient path) when the batch has none."""
+        targets, pseudo = self.labels(weak_logits, mask)
+        count = int(pseudo.sum())
+        if count == 0:
+            return strong_logits.sum() * 0.0
+        missing = int((~mask).sum())
+        return self.weight * loss_fn(strong_logits, targets, pseudo) * (count / missing)
+
+    def tallies(self) -> list[int]:
+        """This process's counts, summed over processes for `summary`."""
+        return [self.negatives, self.positives]
+
+    def summary(self, tallies: list[int]) -> str:
+        """The epoch's log line from the counts of every process."""
+        return (f"  fixmatch NA this epoch: {tallies[1]} positive(s) and {tallies[0]} negative(s) sure at "
+                f"{self.threshold:g} on the weak view, learnt on the strong view (term weight {self.weight:g})")
 
 
 LOSSES = {"bce": MaskedBCEWithLogits, "asl": AsymmetricLoss, "focal": FocalLoss}

@@ -16,9 +16,9 @@ metrics.json, written by `write_outputs` from `finalize`'s dict:
                          reason}]: unreadable before training), decode_failures (a count) and decode_failed_images
                          ({name: epochs it failed to decode in}: images that passed the check but broke in training)
     pos_weight           {name: the loss's positive weight}
-    na_policy            {"policy": ignore | negative | pseudo | selective | teacher, and for pseudo its pseudo_low,
-                         pseudo_high, pseudo_weight, for selective its selective_max_prior, _likely, _weight, for
-                         teacher its teacher_weight}:
+    na_policy            {"policy": ignore | negative | pseudo | selective | teacher | fixmatch, and for pseudo its
+                         pseudo_low, pseudo_high, pseudo_weight, for selective its selective_max_prior, _likely,
+                         _weight, for teacher its teacher_weight, for fixmatch its fixmatch_threshold, _weight}:
                          what the training loss did with NA (validation and these counts: real labels)
     thresholds_note      how the thresholds were chosen and which F1 is honest
 """
@@ -98,7 +98,7 @@ def finalize(model: AttrClassifier, result: FitResult, data: AttrData, cfg: Trai
 
 
 def na_policy_record(cfg: TrainConfig) -> dict:
-    """metrics.json's "na_policy": the policy, with its settings when it is "pseudo", "selective" or "teacher"."""
+    """metrics.json's "na_policy": the policy, with its settings when it has some."""
     if cfg.na_policy == "pseudo":
         return {"policy": "pseudo", "pseudo_low": cfg.pseudo_low, "pseudo_high": cfg.pseudo_high,
                 "pseudo_weight": cfg.pseudo_weight}
@@ -107,6 +107,9 @@ def na_policy_record(cfg: TrainConfig) -> dict:
                 "selective_likely": cfg.selective_likely, "selective_weight": cfg.selective_weight}
     if cfg.na_policy == "teacher":
         return {"policy": "teacher", "teacher_weight": cfg.teacher_weight}
+    if cfg.na_policy == "fixmatch":
+        return {"policy": "fixmatch", "fixmatch_threshold": cfg.fixmatch_threshold,
+                "fixmatch_weight": cfg.fixmatch_weight}
     return {"policy": cfg.na_policy}
 
 
