@@ -206,10 +206,11 @@ def na_procedure(train_config: dict) -> str:
                 f"the loss in the head stage; from the first fine-tuning epoch on, each training batch also went "
                 f"through the model as a stronger view (a random resized crop keeping at least "
                 f"{STRONG_CROP_SCALE:.0%} of the image, stronger colour jitter, no erasing), and an NA entry whose "
-                f"probability on the usual view (with pos_weight taken out) was at least {threshold:g} became a pseudo-positive and at most "
-                f"{1 - threshold:.2g} a pseudo-negative on the strong view; their loss, over the batch's NA entries, "
-                f"was added with weight {train_config.get('fixmatch_weight', 1.0):g} to the known labels' mean. "
-                f"Validation, the best epoch, the thresholds and every count saw real labels only")
+                f"probability on the usual view (with pos_weight taken out) was at least {threshold:g} became a "
+                f"pseudo-positive and at most {1 - threshold:.2g} a pseudo-negative on the strong view; their loss, "
+                f"over the batch's NA entries, was added with weight {train_config.get('fixmatch_weight', 1.0):g} to "
+                f"the known labels' mean. Validation, the best epoch, the thresholds and every count saw real labels "
+                f"only")
     if policy == "negative":
         return "`--na-policy negative`: NA counted as absent (0) in the training loss"
     return "`--na-policy ignore`: NA left out of the loss"
