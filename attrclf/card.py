@@ -202,15 +202,18 @@ def na_procedure(train_config: dict) -> str:
         from .device_augment import STRONG_CROP_SCALE  # torch only when a card has this line
 
         threshold = train_config.get("fixmatch_threshold", 0.95)
+        negatives = (f" and at most {1 - threshold:.2g} a pseudo-negative"
+                     if train_config.get("fixmatch_negatives", True) else " (no pseudo-negatives)")
+        weighed = ("" if train_config.get("fixmatch_pos_weight", True)
+                   else ", each weighing 1 (the positive weight left out)")
         return (f"`--na-policy fixmatch`, FixMatch (Sohn et al., NeurIPS 2020) entry by entry: NA entries left out of "
                 f"the loss in the head stage; from the first fine-tuning epoch on, each training batch also went "
                 f"through the model as a stronger view (a random resized crop keeping at least "
                 f"{STRONG_CROP_SCALE:.0%} of the image, stronger colour jitter, no erasing), and an NA entry whose "
                 f"probability on the usual view (with pos_weight taken out) was at least {threshold:g} became a "
-                f"pseudo-positive and at most {1 - threshold:.2g} a pseudo-negative on the strong view; their loss, "
-                f"over the batch's NA entries, was added with weight {train_config.get('fixmatch_weight', 1.0):g} to "
-                f"the known labels' mean. Validation, the best epoch, the thresholds and every count saw real labels "
-                f"only")
+                f"pseudo-positive{negatives} on the strong view{weighed}; their loss, over the batch's NA entries, "
+                f"was added with weight {train_config.get('fixmatch_weight', 1.0):g} to the known labels' mean. "
+                f"Validation, the best epoch, the thresholds and every count saw real labels only")
     if policy == "negative":
         return "`--na-policy negative`: NA counted as absent (0) in the training loss"
     return "`--na-policy ignore`: NA left out of the loss"

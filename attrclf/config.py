@@ -137,6 +137,10 @@ class TrainConfig:
                                      "pseudo-negative", 0.95)
     fixmatch_weight: float = _opt("--na-policy fixmatch: weight of the pseudo-labels' term (their loss on the strong "
                                   "view over the batch's NA entries) beside the known labels' mean", 1.0)
+    fixmatch_negatives: bool = _opt("--na-policy fixmatch: also make pseudo-negatives; --no-fixmatch-negatives makes "
+                                    "pseudo-positives only", True)
+    fixmatch_pos_weight: bool = _opt("--na-policy fixmatch: the positive weight multiplies a pseudo-positive as it "
+                                     "does a known positive; --no-fixmatch-pos-weight weighs each 1", True)
     pos_weight_cap: float = _opt("upper bound of the per-attribute positive weight (negatives / positives)", 50.0)
     geometry: str = _opt("'whole': every image is resized whole to the input size, in training and evaluation "
                          "(nothing is cropped, so a small mark near the border stays in view: the multilabel "

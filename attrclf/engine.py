@@ -118,7 +118,8 @@ def na_labeller(cfg: TrainConfig, epoch: int, priors: torch.Tensor | None = None
     if cfg.na_policy not in ("pseudo", "fixmatch") or stage_at(epoch, cfg) != "finetune":
         return None
     if cfg.na_policy == "fixmatch":
-        return ViewPseudoLabels(threshold=cfg.fixmatch_threshold, weight=cfg.fixmatch_weight, pos_weight=pos_weight)
+        return ViewPseudoLabels(threshold=cfg.fixmatch_threshold, weight=cfg.fixmatch_weight, pos_weight=pos_weight,
+                                negatives_too=cfg.fixmatch_negatives, weigh_positives=cfg.fixmatch_pos_weight)
     return PseudoLabeller.for_epoch(epoch - cfg.head_epochs, cfg.epochs - cfg.head_epochs, low=cfg.pseudo_low,
                                     high=cfg.pseudo_high, weight=cfg.pseudo_weight, pos_weight=pos_weight)
 

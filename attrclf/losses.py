@@ -419,6 +419,9 @@ class ViewPseudoLabels:
         threshold: Unweighted probability on the weak view at which an NA entry is pseudo-labelled (> 0.5).
         weight: Weight of the term beside the known labels' mean (FixMatch's lambda_u).
         pos_weight: (A,) the loss's positive weights, or None.
+        negatives_too: Also make pseudo-negatives (at most 1 - threshold); False: pseudo-positives only.
+        weigh_positives: The loss's pos_weight multiplies a pseudo-positive as it does a known positive; False: a
+            pseudo-positive weighs 1 (a wrong one then costs no more than a wrong negative).
         positives: Pseudo-positives made so far (this process).
         negatives: Pseudo-negatives made so far (this process).
     """
@@ -426,6 +429,8 @@ class ViewPseudoLabels:
     threshold: float
     weight: float
     pos_weight: torch.Tensor | None = None
+    negatives_too: bool = True
+    weigh_positives: bool = True
     positives: int = 0
     negatives: int = 0
 
@@ -434,7 +439,7 @@ class ViewPseudoLabels:
         entries (NA entries only; a NaN probability stays out)."""
         probs = unweighted_probs(weak_logits, self.pos_weight)
         positive = ~mask & (probs >= self.threshold)
-        negative = ~mask & (probs <= 1.0 - self.threshold)
+        negative = ~mask & (probs <= 1.0 - self.threshold) if self.negatives_too else torch.zeros_like(mask)
         self.positives += int(positive.sum())
         self.negatives += int(negative.sum())
         return positive.to(weak_logits.dtype), positive | negative
@@ -448,7 +453,12 @@ class ViewPseudoLabels:
         if count == 0:
             return strong_logits.sum() * 0.0
         missing = int((~mask).sum())
-        return self.weight * loss_fn(strong_logits, targets, pseudo) * (count / missing)
+        entry_weight = None
+        if not self.weigh_positives and self.pos_weight is not None:  # pos_weight x 1 / pos_weight = 1
+            entry_weight = torch.where(targets > 0, 1.0 / self.pos_weight.to(targets.device).float().unsqueeze(0),
+                                       torch.ones_like(targets))
+            count = float(torch.where(pseudo, entry_weight, torch.zeros_like(entry_weight)).sum())
+        return self.weight * loss_fn(strong_logits, targets, pseudo, entry_weight) * (count / missing)
 
     def tallies(self) -> list[int]:
         """This process's counts, summed over processes for `summary`."""

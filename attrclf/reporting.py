@@ -18,7 +18,8 @@ metrics.json, written by `write_outputs` from `finalize`'s dict:
     pos_weight           {name: the loss's positive weight}
     na_policy            {"policy": ignore | negative | pseudo | selective | teacher | fixmatch, and for pseudo its
                          pseudo_low, pseudo_high, pseudo_weight, for selective its selective_max_prior, _likely,
-                         _weight, for teacher its teacher_weight, for fixmatch its fixmatch_threshold, _weight}:
+                         _weight, for teacher its teacher_weight, for fixmatch its fixmatch_threshold, _weight,
+                         _negatives, _pos_weight}:
                          what the training loss did with NA (validation and these counts: real labels)
     thresholds_note      how the thresholds were chosen and which F1 is honest
 """
@@ -109,7 +110,8 @@ def na_policy_record(cfg: TrainConfig) -> dict:
         return {"policy": "teacher", "teacher_weight": cfg.teacher_weight}
     if cfg.na_policy == "fixmatch":
         return {"policy": "fixmatch", "fixmatch_threshold": cfg.fixmatch_threshold,
-                "fixmatch_weight": cfg.fixmatch_weight}
+                "fixmatch_weight": cfg.fixmatch_weight, "fixmatch_negatives": cfg.fixmatch_negatives,
+                "fixmatch_pos_weight": cfg.fixmatch_pos_weight}
     return {"policy": cfg.na_policy}
 
 

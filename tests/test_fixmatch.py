@@ -60,6 +60,24 @@ def test_the_term_is_the_strong_views_loss_over_the_batchs_na_entries_times_its_
     assert logits.grad is None  # the weak view is a target, not a path
 
 
+def test_positives_only_and_pseudo_positives_weighed_one():
+    """--no-fixmatch-negatives makes no pseudo-negative; --no-fixmatch-pos-weight takes pos_weight back out of a
+    pseudo-positive's loss (each weighs what a negative does)."""
+    logits, mask = weak_batch()
+    strong = torch.tensor([[0.5, -1.0, 2.0], [3.0, -0.5, 0.0]])
+    pos_weight = torch.tensor([4.0, 4.0, 4.0])
+    labeller = ViewPseudoLabels(threshold=0.8, weight=1.0, pos_weight=pos_weight, negatives_too=False,
+                                weigh_positives=False)
+    targets, pseudo = labeller.labels(logits, mask)
+    # pos_weight 4: 0.97 -> 0.89 (positive), 0.95 -> 0.83 (positive), 0.02 would be a negative: not made
+    assert pseudo.tolist() == [[True, False, False], [False, True, False]] and labeller.negatives == 0
+    term = labeller.term(MaskedBCEWithLogits(pos_weight), logits, strong, mask)
+    assert math.isclose(term.item(), (bce(0.5, 1) + bce(-0.5, 1)) / 5, rel_tol=1e-6)
+    weighted = ViewPseudoLabels(threshold=0.8, weight=1.0, pos_weight=pos_weight, negatives_too=False)
+    assert math.isclose(weighted.term(MaskedBCEWithLogits(pos_weight), logits, strong, mask).item(),
+                        (bce(0.5, 1, 4.0) + bce(-0.5, 1, 4.0)) / 5, rel_tol=1e-6)
+
+
 def test_without_a_sure_na_entry_the_term_is_zero_and_keeps_a_gradient_path():
     strong = torch.zeros(1, 2, requires_grad=True)
     term = ViewPseudoLabels(threshold=0.95, weight=1.0).term(MaskedBCEWithLogits(), torch.zeros(1, 2), strong,
@@ -91,7 +109,11 @@ def test_the_strong_view_crops_and_jitters_the_same_rows_without_erasing():
 def test_fixmatch_flags_their_checks_and_the_labeller_from_the_first_fine_tuning_epoch():
     cfg = parse_args(["--na-policy", "fixmatch", "--fixmatch-threshold", "0.9", "--fixmatch-weight", "2"])
     assert (cfg.na_policy, cfg.fixmatch_threshold, cfg.fixmatch_weight) == ("fixmatch", 0.9, 2.0)
-    assert (parse_args([]).fixmatch_threshold, parse_args([]).fixmatch_weight) == (0.95, 1.0)
+    defaults = parse_args([])
+    assert (defaults.fixmatch_threshold, defaults.fixmatch_weight, defaults.fixmatch_negatives,
+            defaults.fixmatch_pos_weight) == (0.95, 1.0, True, True)
+    only = parse_args(["--na-policy", "fixmatch", "--no-fixmatch-negatives", "--no-fixmatch-pos-weight"])
+    assert (only.fixmatch_negatives, only.fixmatch_pos_weight) == (False, False)
     for changes, message in [({"fixmatch_threshold": 0.5}, "--fixmatch-threshold in"),
                              ({"fixmatch_weight": 0.0}, "--fixmatch-weight > 0"),
                              ({"mixup": 0.2}, "drop them"),
@@ -105,6 +127,12 @@ def test_fixmatch_flags_their_checks_and_the_labeller_from_the_first_fine_tuning
     assert na_labeller(resolved, 1, None, pos_weight) is None  # the head stage
     labeller = na_labeller(resolved, 2, None, pos_weight)
     assert isinstance(labeller, ViewPseudoLabels) and labeller.pos_weight is pos_weight
+    assert (labeller.threshold, labeller.weight, labeller.negatives_too, labeller.weigh_positives) == (
+        0.95, 1.0, True, True)
+    positives_only = TrainConfig(data="x", backbone_weights="w", na_policy="fixmatch", fixmatch_negatives=False,
+                                 fixmatch_pos_weight=False, epochs=4).resolve()
+    labeller = na_labeller(positives_only, 3, None, pos_weight)
+    assert (labeller.negatives_too, labeller.weigh_positives) == (False, False)
     plain, known = torch.tensor([[1.0, 0.0]]), torch.tensor([[True, False]])
     assert apply_na_policy(plain, known, "fixmatch") == (plain, known)
 
@@ -116,7 +144,17 @@ def test_fixmatch_labels_never_reach_validation_thresholds_or_counts(tmp_path, t
     assert len(labellers) == 2 and all(lab.positives + lab.negatives > 0 for lab in labellers)
     assert_validation_saw_real_labels(data, result, tmp_path / "fixmatch")
     saved = json.loads((tmp_path / "fixmatch" / "metrics.json").read_text())
-    assert saved["na_policy"] == {"policy": "fixmatch", "fixmatch_threshold": 0.51, "fixmatch_weight": 1.0}
+    assert saved["na_policy"] == {"policy": "fixmatch", "fixmatch_threshold": 0.51, "fixmatch_weight": 1.0,
+                                  "fixmatch_negatives": True, "fixmatch_pos_weight": True}
     card = (tmp_path / "fixmatch" / "README.md").read_text()
     assert "`--na-policy fixmatch`, FixMatch (Sohn et al., NeurIPS 2020) entry by entry" in card
-    assert "at least 0.51 became a pseudo-positive and at most 0.49 a pseudo-negative on the strong view" in card
+    assert "at least 0.51 became a pseudo-positive and at most 0.49 a pseudo-negative on the strong view;" in card
+
+
+def test_the_card_names_positives_only_and_pseudo_positives_weighing_one():
+    from attrclf.card import na_procedure
+
+    line = na_procedure({"na_policy": "fixmatch", "fixmatch_threshold": 0.9, "fixmatch_weight": 2.0,
+                         "fixmatch_negatives": False, "fixmatch_pos_weight": False})
+    assert ("at least 0.9 became a pseudo-positive (no pseudo-negatives) on the strong view, each weighing 1 (the "
+            "positive weight left out); their loss, over the batch's NA entries, was added with weight 2") in line
