@@ -186,7 +186,7 @@ def test_na_policy_ignore_keeps_the_mask_and_negative_makes_na_a_known_zero():
 
 def test_na_policies_are_the_ones_that_apply_na_policy_knows():
     targets, mask = torch.tensor([[1.0, 0.0]]), torch.tensor([[True, False]])
-    assert NA_POLICIES == ("ignore", "negative", "pseudo", "selective", "teacher")
+    assert NA_POLICIES == ("ignore", "negative", "pseudo", "selective", "teacher", "fixmatch")
     for policy in NA_POLICIES:
         apply_na_policy(targets, mask, policy)
 
