@@ -129,6 +129,24 @@ def test_color_jitter_matches_torchvision_per_image():
         assert torch.allclose(out[i] / 255, image, atol=2e-3)
 
 
+def test_color_jitter_clamps_after_every_step_as_torchvision_does():
+    """White background, red square: brightness 1.5 then contrast 0.6 (torchvision on uint8: background 239, square
+    (239, 113, 113)); one composed map clamped once at the end gave a white background and (255, 155, 155)."""
+    pixels = torch.full((1, 3, 8, 8), 255.0)
+    pixels[0, 0, 2:6, 2:6], pixels[0, 1:, 2:6, 2:6] = 220, 30
+    out = color_jitter(pixels, torch.tensor([[1.5, 0.6, 1.0]], dtype=torch.float64), torch.tensor([[0, 1, 2]]))
+    reference = TF.adjust_contrast(TF.adjust_brightness(pixels[0].to(torch.uint8), 1.5), 0.6)
+    assert reference[:, 0, 0].tolist() == [239, 239, 239] and reference[:, 3, 3].tolist() == [239, 113, 113]
+    assert (out[0] - reference.float()).abs().max() <= 2.0  # uint8 torchvision truncates its grey levels
+    floats = TF.adjust_contrast(TF.adjust_brightness(pixels[0] / 255, 1.5), 0.6) * 255  # clamps at 1 in between
+    assert torch.allclose(out[0], floats, atol=0.05)  # its grey weighs red 0.2989, this 0.299
+    # saturation 0 then brightness 2: grey first, then clipped at white
+    grey_then_bright = color_jitter(pixels, torch.tensor([[2.0, 1.0, 0.0]], dtype=torch.float64),
+                                    torch.tensor([[2, 0, 1]]))
+    expected = TF.adjust_brightness(TF.adjust_saturation(pixels[0] / 255, 0.0), 2.0) * 255
+    assert torch.allclose(grey_then_bright[0], expected, atol=0.05)
+
+
 def test_crop_grid_samples_the_box():
     """An exact box (the whole left half, 2x up) samples the same pixels as cropping then resizing by hand."""
     image = torch.arange(8 * 8, dtype=torch.float32).view(1, 1, 8, 8).repeat(1, 3, 1, 1)
