@@ -199,7 +199,7 @@ def na_procedure(train_config: dict) -> str:
                 f"weight {train_config.get('teacher_weight', 0.5):g} x |2p - 1| (known labels 1). Validation, the "
                 f"best epoch, the thresholds and every count saw real labels only")
     if policy == "fixmatch":
-        from .device_augment import STRONG_CROP_SCALE  # torch only when a card has this line
+        from .device_augment import STRONG_CROP_SCALE, STRONG_JITTER  # torch only when a card has this line
 
         threshold = train_config.get("fixmatch_threshold", 0.95)
         negatives = (f" and at most {1 - threshold:.2g} a pseudo-negative"
@@ -209,7 +209,8 @@ def na_procedure(train_config: dict) -> str:
         return (f"`--na-policy fixmatch`, FixMatch (Sohn et al., NeurIPS 2020) entry by entry: NA entries left out of "
                 f"the loss in the head stage; from the first fine-tuning epoch on, each training batch also went "
                 f"through the model as a stronger view (a random resized crop keeping at least "
-                f"{STRONG_CROP_SCALE:.0%} of the image, stronger colour jitter, no erasing), and an NA entry whose "
+                f"{STRONG_CROP_SCALE:.0%} of the image, colour jitter "
+                f"{train_config.get('fixmatch_jitter', STRONG_JITTER):g}, no erasing), and an NA entry whose "
                 f"probability on the usual view (with pos_weight taken out) was at least {threshold:g} became a "
                 f"pseudo-positive{negatives} on the strong view{weighed}; their loss, over the batch's NA entries, "
                 f"was added with weight {train_config.get('fixmatch_weight', 1.0):g} to the known labels' mean. "

@@ -137,6 +137,8 @@ class TrainConfig:
                                      "pseudo-negative", 0.95)
     fixmatch_weight: float = _opt("--na-policy fixmatch: weight of the pseudo-labels' term (their loss on the strong "
                                   "view over the batch's NA entries) beside the known labels' mean", 1.0)
+    fixmatch_jitter: float = _opt("--na-policy fixmatch: colour jitter of the strong view (at least the usual view's "
+                                  "--color-jitter; lower it where colour is what an attribute names)", 0.6)
     fixmatch_negatives: bool = _opt("--na-policy fixmatch: also make pseudo-negatives; --no-fixmatch-negatives makes "
                                     "pseudo-positives only", True)
     fixmatch_pos_weight: bool = _opt("--na-policy fixmatch: the positive weight multiplies a pseudo-positive as it "
@@ -287,6 +289,8 @@ class TrainConfig:
         if self.na_policy == "teacher" and not self.ema_decay:
             raise AttrclfError("--na-policy teacher needs the weight average that labels the NA entries: drop "
                                "--ema-decay 0 (or choose another --na-policy)")
+        if not 0 <= self.fixmatch_jitter < 1:
+            raise AttrclfError(f"--fixmatch-jitter must be in [0, 1) (got {self.fixmatch_jitter:g})")
         if not (0.5 < self.fixmatch_threshold <= 1 and self.fixmatch_weight > 0):
             raise AttrclfError(f"--na-policy fixmatch needs --fixmatch-threshold in (0.5, 1] and --fixmatch-weight > 0 "
                                f"(got {self.fixmatch_threshold:g}, {self.fixmatch_weight:g})")

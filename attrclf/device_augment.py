@@ -31,8 +31,8 @@ from .model import AttrConfig
 
 GRAY = (0.299, 0.587, 0.114)
 # the strong view of --na-policy fixmatch: a random resized crop keeping at least this share of the image (a mark
-# near the border mostly stays in view), and this colour jitter; no erasing, which could remove the very mark an
-# attribute names while its pseudo-label says it is there
+# near the border mostly stays in view), and this colour jitter (--fixmatch-jitter's default); no erasing, which
+# could remove the very mark an attribute names while its pseudo-label says it is there
 STRONG_CROP_SCALE, STRONG_JITTER = 0.75, 0.6
 RRC_RATIO = (3 / 4, 4 / 3)
 ERASE_AREA, ERASE_ASPECT, ATTEMPTS = (0.02, 1 / 3), 0.3, 10
@@ -216,15 +216,15 @@ class DeviceAugment:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-def strong_view(weak: DeviceAugment | None) -> DeviceAugment:
+def strong_view(weak: DeviceAugment | None, jitter: float = STRONG_JITTER) -> DeviceAugment:
     """The stronger augmentation of --na-policy fixmatch, made from the same uint8 rows as `weak` (the usual one):
     a random resized crop of at least STRONG_CROP_SCALE of the image in either geometry, colour jitter
-    max(weak's, STRONG_JITTER), the same flips, no erasing."""
+    max(weak's, `jitter`), the same flips, no erasing."""
     if weak is None:
         raise ValueError("the strong view needs the batched device augmentation (engine forces it for fixmatch)")
     strong = copy.copy(weak)
     strong.crop = True
     strong.scale = (max(weak.scale[0], STRONG_CROP_SCALE) if weak.crop else STRONG_CROP_SCALE, 1.0)
-    strong.jitter = max(weak.jitter, STRONG_JITTER)
+    strong.jitter = max(weak.jitter, jitter)
     strong.erasing = 0.0
     return strong

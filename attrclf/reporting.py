@@ -19,7 +19,7 @@ metrics.json, written by `write_outputs` from `finalize`'s dict:
     na_policy            {"policy": ignore | negative | pseudo | selective | teacher | fixmatch, and for pseudo its
                          pseudo_low, pseudo_high, pseudo_weight, for selective its selective_max_prior, _likely,
                          _weight, for teacher its teacher_weight, for fixmatch its fixmatch_threshold, _weight,
-                         _negatives, _pos_weight}:
+                         _negatives, _pos_weight, _jitter}:
                          what the training loss did with NA (validation and these counts: real labels)
     thresholds_note      how the thresholds were chosen and which F1 is honest
 """
@@ -111,7 +111,7 @@ def na_policy_record(cfg: TrainConfig) -> dict:
     if cfg.na_policy == "fixmatch":
         return {"policy": "fixmatch", "fixmatch_threshold": cfg.fixmatch_threshold,
                 "fixmatch_weight": cfg.fixmatch_weight, "fixmatch_negatives": cfg.fixmatch_negatives,
-                "fixmatch_pos_weight": cfg.fixmatch_pos_weight}
+                "fixmatch_pos_weight": cfg.fixmatch_pos_weight, "fixmatch_jitter": cfg.fixmatch_jitter}
     return {"policy": cfg.na_policy}
 
 

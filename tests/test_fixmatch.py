@@ -91,6 +91,7 @@ def test_the_strong_view_crops_and_jitters_the_same_rows_without_erasing():
     strong = strong_view(weak)
     assert (strong.crop, strong.scale, strong.jitter, strong.erasing) == (True, (STRONG_CROP_SCALE, 1.0), 0.6, 0.0)
     assert (weak.crop, weak.jitter, weak.erasing) == (False, 0.3, 0.25)  # the weak view is left as it was
+    assert strong_view(weak, 0.1).jitter == 0.3 and strong_view(weak, 0.5).jitter == 0.5  # never below the weak's
     # a black square in the bottom-right corner (8 x 8 of 32 x 32) on white stays in view however the crop falls: a
     # crop keeping 75% of the area cuts at most 1 - sqrt(0.75 x 3/4) = 25% of a side, 8 pixels
     pixels = torch.full((64, 3, 32, 32), 255, dtype=torch.uint8)
@@ -112,10 +113,13 @@ def test_fixmatch_flags_their_checks_and_the_labeller_from_the_first_fine_tuning
     defaults = parse_args([])
     assert (defaults.fixmatch_threshold, defaults.fixmatch_weight, defaults.fixmatch_negatives,
             defaults.fixmatch_pos_weight) == (0.95, 1.0, True, True)
-    only = parse_args(["--na-policy", "fixmatch", "--no-fixmatch-negatives", "--no-fixmatch-pos-weight"])
-    assert (only.fixmatch_negatives, only.fixmatch_pos_weight) == (False, False)
+    only = parse_args(["--na-policy", "fixmatch", "--no-fixmatch-negatives", "--no-fixmatch-pos-weight",
+                       "--fixmatch-jitter", "0.3"])
+    assert (only.fixmatch_negatives, only.fixmatch_pos_weight, only.fixmatch_jitter) == (False, False, 0.3)
+    assert defaults.fixmatch_jitter == 0.6
     for changes, message in [({"fixmatch_threshold": 0.5}, "--fixmatch-threshold in"),
                              ({"fixmatch_weight": 0.0}, "--fixmatch-weight > 0"),
+                             ({"fixmatch_jitter": 1.0}, "--fixmatch-jitter must be in"),
                              ({"mixup": 0.2}, "drop them"),
                              ({"augment_on": "loader"}, "drop --augment-on loader")]:
         with pytest.raises(AttrclfError, match=message):
@@ -145,10 +149,11 @@ def test_fixmatch_labels_never_reach_validation_thresholds_or_counts(tmp_path, t
     assert_validation_saw_real_labels(data, result, tmp_path / "fixmatch")
     saved = json.loads((tmp_path / "fixmatch" / "metrics.json").read_text())
     assert saved["na_policy"] == {"policy": "fixmatch", "fixmatch_threshold": 0.51, "fixmatch_weight": 1.0,
-                                  "fixmatch_negatives": True, "fixmatch_pos_weight": True}
+                                  "fixmatch_negatives": True, "fixmatch_pos_weight": True, "fixmatch_jitter": 0.6}
     card = (tmp_path / "fixmatch" / "README.md").read_text()
     assert "`--na-policy fixmatch`, FixMatch (Sohn et al., NeurIPS 2020) entry by entry" in card
     assert "at least 0.51 became a pseudo-positive and at most 0.49 a pseudo-negative on the strong view;" in card
+    assert "keeping at least 75% of the image, colour jitter 0.6, no erasing" in card
 
 
 def test_the_card_names_positives_only_and_pseudo_positives_weighing_one():
