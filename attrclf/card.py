@@ -203,8 +203,8 @@ def na_procedure(train_config: dict) -> str:
 
         threshold = train_config.get("fixmatch_threshold", 0.95)
         negatives = (f" and at most {1 - threshold:.2g} a pseudo-negative"
-                     if train_config.get("fixmatch_negatives", True) else " (no pseudo-negatives)")
-        weighed = ("" if train_config.get("fixmatch_pos_weight", True)
+                     if train_config.get("fixmatch_negatives", False) else " (no pseudo-negatives)")
+        weighed = ("" if train_config.get("fixmatch_pos_weight", False)
                    else ", each weighing 1 (the positive weight left out)")
         return (f"`--na-policy fixmatch`, FixMatch (Sohn et al., NeurIPS 2020) entry by entry: NA entries left out of "
                 f"the loss in the head stage; from the first fine-tuning epoch on, each training batch also went "

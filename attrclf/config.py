@@ -133,16 +133,17 @@ class TrainConfig:
     teacher_weight: float = _opt("--na-policy teacher: loss weight of an NA entry the teacher is certain of (it "
                                  "falls to 0 as the teacher's probability nears 0.5; a known label weighs 1)", 0.5)
     fixmatch_threshold: float = _opt("--na-policy fixmatch: an NA entry whose probability on the weak view (pos_weight "
-                                     "taken out) is at least this becomes a pseudo-positive, at most 1 minus this a "
-                                     "pseudo-negative", 0.95)
+                                     "taken out) is at least this becomes a pseudo-positive (with "
+                                     "--fixmatch-negatives, at most 1 minus this a pseudo-negative)", 0.95)
     fixmatch_weight: float = _opt("--na-policy fixmatch: weight of the pseudo-labels' term (their loss on the strong "
                                   "view over the batch's NA entries) beside the known labels' mean", 1.0)
     fixmatch_jitter: float = _opt("--na-policy fixmatch: colour jitter of the strong view (at least the usual view's "
                                   "--color-jitter; lower it where colour is what an attribute names)", 0.6)
-    fixmatch_negatives: bool = _opt("--na-policy fixmatch: also make pseudo-negatives; --no-fixmatch-negatives makes "
-                                    "pseudo-positives only", True)
+    fixmatch_negatives: bool = _opt("--na-policy fixmatch: also make pseudo-negatives (default: pseudo-positives "
+                                    "only, which did better on both benchmark sets)", False)
     fixmatch_pos_weight: bool = _opt("--na-policy fixmatch: the positive weight multiplies a pseudo-positive as it "
-                                     "does a known positive; --no-fixmatch-pos-weight weighs each 1", True)
+                                     "does a known positive (default: each weighs 1, so a wrong one costs no more "
+                                     "than a wrong negative)", False)
     pos_weight_cap: float = _opt("upper bound of the per-attribute positive weight (negatives / positives)", 50.0)
     geometry: str = _opt("'whole': every image is resized whole to the input size, in training and evaluation "
                          "(nothing is cropped, so a small mark near the border stays in view: the multilabel "

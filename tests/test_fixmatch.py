@@ -29,7 +29,7 @@ def weak_batch():
 
 def test_na_entries_sure_on_the_weak_view_become_pseudo_labels_and_known_entries_never_do():
     logits, mask = weak_batch()
-    labeller = ViewPseudoLabels(threshold=0.95, weight=1.0)
+    labeller = ViewPseudoLabels(threshold=0.95, weight=1.0, negatives_too=True)
     targets, pseudo = labeller.labels(logits, mask)
     # 0.97 and 0.95 positive, 0.02 negative; 0.5 undecided, the known 0.99 and the NaN stay out
     assert pseudo.tolist() == [[True, False, True], [False, True, False]]
@@ -50,7 +50,8 @@ def test_the_term_is_the_strong_views_loss_over_the_batchs_na_entries_times_its_
     strong = torch.tensor([[0.5, -1.0, 2.0], [3.0, -0.5, 0.0]], requires_grad=True)
     pos_weight = torch.tensor([2.0, 2.0, 2.0])
     # pos_weight 2 on the weak view: 0.97 -> 0.942 (out), 0.95 -> 0.905 (out); 0.02 -> 0.0101 (a negative)
-    labeller = ViewPseudoLabels(threshold=0.9, weight=0.5, pos_weight=pos_weight)
+    labeller = ViewPseudoLabels(threshold=0.9, weight=0.5, pos_weight=pos_weight, negatives_too=True,
+                                weigh_positives=True)
     term = labeller.term(MaskedBCEWithLogits(pos_weight), logits, strong, mask)
     # pseudo: (0, 0) positive (0.942), (0, 2) negative, (1, 1) positive (0.905); 5 NA entries in the batch
     expected = 0.5 * (bce(0.5, 1, 2.0) + bce(2.0, 0) + bce(-0.5, 1, 2.0)) / 5
@@ -61,19 +62,18 @@ def test_the_term_is_the_strong_views_loss_over_the_batchs_na_entries_times_its_
 
 
 def test_positives_only_and_pseudo_positives_weighed_one():
-    """--no-fixmatch-negatives makes no pseudo-negative; --no-fixmatch-pos-weight takes pos_weight back out of a
-    pseudo-positive's loss (each weighs what a negative does)."""
+    """The defaults: no pseudo-negative (--fixmatch-negatives makes them), and pos_weight taken back out of a
+    pseudo-positive's loss, each weighing what a negative does (--fixmatch-pos-weight keeps it)."""
     logits, mask = weak_batch()
     strong = torch.tensor([[0.5, -1.0, 2.0], [3.0, -0.5, 0.0]])
     pos_weight = torch.tensor([4.0, 4.0, 4.0])
-    labeller = ViewPseudoLabels(threshold=0.8, weight=1.0, pos_weight=pos_weight, negatives_too=False,
-                                weigh_positives=False)
+    labeller = ViewPseudoLabels(threshold=0.8, weight=1.0, pos_weight=pos_weight)
     targets, pseudo = labeller.labels(logits, mask)
     # pos_weight 4: 0.97 -> 0.89 (positive), 0.95 -> 0.83 (positive), 0.02 would be a negative: not made
     assert pseudo.tolist() == [[True, False, False], [False, True, False]] and labeller.negatives == 0
     term = labeller.term(MaskedBCEWithLogits(pos_weight), logits, strong, mask)
     assert math.isclose(term.item(), (bce(0.5, 1) + bce(-0.5, 1)) / 5, rel_tol=1e-6)
-    weighted = ViewPseudoLabels(threshold=0.8, weight=1.0, pos_weight=pos_weight, negatives_too=False)
+    weighted = ViewPseudoLabels(threshold=0.8, weight=1.0, pos_weight=pos_weight, weigh_positives=True)
     assert math.isclose(weighted.term(MaskedBCEWithLogits(pos_weight), logits, strong, mask).item(),
                         (bce(0.5, 1, 4.0) + bce(-0.5, 1, 4.0)) / 5, rel_tol=1e-6)
 
@@ -112,10 +112,10 @@ def test_fixmatch_flags_their_checks_and_the_labeller_from_the_first_fine_tuning
     assert (cfg.na_policy, cfg.fixmatch_threshold, cfg.fixmatch_weight) == ("fixmatch", 0.9, 2.0)
     defaults = parse_args([])
     assert (defaults.fixmatch_threshold, defaults.fixmatch_weight, defaults.fixmatch_negatives,
-            defaults.fixmatch_pos_weight) == (0.95, 1.0, True, True)
-    only = parse_args(["--na-policy", "fixmatch", "--no-fixmatch-negatives", "--no-fixmatch-pos-weight",
+            defaults.fixmatch_pos_weight) == (0.95, 1.0, False, False)
+    both = parse_args(["--na-policy", "fixmatch", "--fixmatch-negatives", "--fixmatch-pos-weight",
                        "--fixmatch-jitter", "0.3"])
-    assert (only.fixmatch_negatives, only.fixmatch_pos_weight, only.fixmatch_jitter) == (False, False, 0.3)
+    assert (both.fixmatch_negatives, both.fixmatch_pos_weight, both.fixmatch_jitter) == (True, True, 0.3)
     assert defaults.fixmatch_jitter == 0.6
     for changes, message in [({"fixmatch_threshold": 0.5}, "--fixmatch-threshold in"),
                              ({"fixmatch_weight": 0.0}, "--fixmatch-weight > 0"),
@@ -132,27 +132,29 @@ def test_fixmatch_flags_their_checks_and_the_labeller_from_the_first_fine_tuning
     labeller = na_labeller(resolved, 2, None, pos_weight)
     assert isinstance(labeller, ViewPseudoLabels) and labeller.pos_weight is pos_weight
     assert (labeller.threshold, labeller.weight, labeller.negatives_too, labeller.weigh_positives) == (
-        0.95, 1.0, True, True)
-    positives_only = TrainConfig(data="x", backbone_weights="w", na_policy="fixmatch", fixmatch_negatives=False,
-                                 fixmatch_pos_weight=False, epochs=4).resolve()
-    labeller = na_labeller(positives_only, 3, None, pos_weight)
-    assert (labeller.negatives_too, labeller.weigh_positives) == (False, False)
+        0.95, 1.0, False, False)
+    both = TrainConfig(data="x", backbone_weights="w", na_policy="fixmatch", fixmatch_negatives=True,
+                       fixmatch_pos_weight=True, epochs=4).resolve()
+    labeller = na_labeller(both, 3, None, pos_weight)
+    assert (labeller.negatives_too, labeller.weigh_positives) == (True, True)
     plain, known = torch.tensor([[1.0, 0.0]]), torch.tensor([[True, False]])
     assert apply_na_policy(plain, known, "fixmatch") == (plain, known)
 
 
 def test_fixmatch_labels_never_reach_validation_thresholds_or_counts(tmp_path, tiny_data, monkeypatch):
     data, model, result, metrics, labellers = run(tiny_data, tmp_path / "fixmatch", monkeypatch,
-                                                  na_policy="fixmatch", fixmatch_threshold=0.51)
+                                                  na_policy="fixmatch", fixmatch_threshold=0.51,
+                                                  fixmatch_negatives=True)
     # one labeller per fine-tuning epoch, each of which labelled NA entries (a threshold of 0.51 takes nearly all)
     assert len(labellers) == 2 and all(lab.positives + lab.negatives > 0 for lab in labellers)
     assert_validation_saw_real_labels(data, result, tmp_path / "fixmatch")
     saved = json.loads((tmp_path / "fixmatch" / "metrics.json").read_text())
     assert saved["na_policy"] == {"policy": "fixmatch", "fixmatch_threshold": 0.51, "fixmatch_weight": 1.0,
-                                  "fixmatch_negatives": True, "fixmatch_pos_weight": True, "fixmatch_jitter": 0.6}
+                                  "fixmatch_negatives": True, "fixmatch_pos_weight": False, "fixmatch_jitter": 0.6}
     card = (tmp_path / "fixmatch" / "README.md").read_text()
     assert "`--na-policy fixmatch`, FixMatch (Sohn et al., NeurIPS 2020) entry by entry" in card
-    assert "at least 0.51 became a pseudo-positive and at most 0.49 a pseudo-negative on the strong view;" in card
+    assert ("at least 0.51 became a pseudo-positive and at most 0.49 a pseudo-negative on the strong view, each "
+            "weighing 1 (the positive weight left out);") in card
     assert "keeping at least 75% of the image, colour jitter 0.6, no erasing" in card
 
 
