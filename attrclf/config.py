@@ -21,6 +21,7 @@ from .errors import AttrclfError
 from .fileio import is_hub_id
 from .heads import HEAD_TYPES
 from .losses import LOSS_AVERAGES, LOSSES, NA_POLICIES, build_loss
+from .metrics import THRESHOLD_RULES
 from .model import ALL_STAGES, GEOMETRIES
 from .shards import looks_like_shards
 from .tracking import chosen_trackers
@@ -145,6 +146,13 @@ class TrainConfig:
                                      "does a known positive (default: each weighs 1, so a wrong one costs no more "
                                      "than a wrong negative)", False)
     pos_weight_cap: float = _opt("upper bound of the per-attribute positive weight (negatives / positives)", 50.0)
+    threshold_rule: str = _opt("how each attribute's threshold is tuned on the validation split: 'half-f1' = half the "
+                               "best F1 reached there, as a probability with pos_weight taken out (the F1-optimal "
+                               "threshold of calibrated probabilities; steady with few positives), 'max-f1' = the "
+                               "probability at which F1 peaks there (lands on 0.99 or 0.01 when an attribute has a "
+                               "handful of positives), 'auto' = half-f1 with --loss bce and no --balanced-sampler "
+                               "(which leave the probabilities calibrated), else max-f1", "auto",
+                               choices=["auto", *THRESHOLD_RULES])
     geometry: str = _opt("'whole': every image is resized whole to the input size, in training and evaluation "
                          "(nothing is cropped, so a small mark near the border stays in view: the multilabel "
                          "default); 'crop': timm's ImageNet geometry, random resized crops (--crop-scale) for "
@@ -350,6 +358,13 @@ class TrainConfig:
         if self.loss == "focal":
             return {"gamma": self.focal_gamma, "alpha": self.focal_alpha, **average}
         return average
+
+    @property
+    def tuning_rule(self) -> str:
+        """--threshold-rule with 'auto' decided: half-f1 where the probabilities stay calibrated, else max-f1."""
+        if self.threshold_rule != "auto":
+            return self.threshold_rule
+        return "half-f1" if self.loss == "bce" and not self.balanced_sampler else "max-f1"
 
     @property
     def unfreeze(self) -> int | str:

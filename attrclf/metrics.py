@@ -29,32 +29,63 @@ def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
+def _f1_at_each_cut(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """F1 when predicting 1 for every score >= each distinct score, highest first, and those scores (some positive)."""
+    order = np.argsort(-scores, kind="mergesort")
+    scores, labels = scores[order], labels[order]
+    last_of_each_score = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
+    tps = np.cumsum(labels)[last_of_each_score]
+    fps = last_of_each_score + 1 - tps
+    return 2 * tps / (2 * tps + fps + (labels.sum() - tps)), scores[last_of_each_score]
+
+
 def best_f1_threshold(scores: np.ndarray, labels: np.ndarray, default: float = 0.5) -> float:
     """The threshold (predict 1 when score >= it) that maximises F1 on these known labels.
 
     The threshold sits halfway between the chosen score and the next lower one, so it does not hinge on one example.
     Without positives F1 cannot be tuned and `default` is returned.
     """
-    positives = labels.sum()
-    if positives == 0 or len(scores) == 0:
+    if labels.sum() == 0 or len(scores) == 0:
         return default
-    order = np.argsort(-scores, kind="mergesort")
-    scores, labels = scores[order], labels[order]
-    last_of_each_score = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
-    tps = np.cumsum(labels)[last_of_each_score]
-    fps = last_of_each_score + 1 - tps
-    f1 = 2 * tps / (2 * tps + fps + (positives - tps))
+    f1, cut_scores = _f1_at_each_cut(scores, labels)
     best = int(np.argmax(f1))
-    chosen = scores[last_of_each_score[best]]
-    lower = scores[last_of_each_score[best + 1]] if best + 1 < len(last_of_each_score) else 0.0
-    return float((chosen + lower) / 2)
+    lower = cut_scores[best + 1] if best + 1 < len(cut_scores) else 0.0
+    return float((cut_scores[best] + lower) / 2)
 
 
-def tune_thresholds(probs: np.ndarray, targets: np.ndarray, mask: np.ndarray, default: float = 0.5) -> list[float]:
-    """Per-attribute F1-maximising thresholds over known labels; (N, A) inputs."""
-    return [
-        best_f1_threshold(probs[mask[:, a], a], targets[mask[:, a], a], default) for a in range(probs.shape[1])
-    ]
+def half_f1_threshold(scores: np.ndarray, labels: np.ndarray, pos_weight: float = 1.0,
+                      default: float = 0.5) -> float:
+    """Half the best F1 as a probability threshold (Lipton, Elkan & Narayanaswamy, ECML 2014), on `scores`' scale.
+
+    For calibrated probabilities the F1-maximising threshold is exactly half the best F1 reachable. The best F1 is a
+    stable figure even with a handful of positives, where the score at which it is reached is not: the plain search
+    (`best_f1_threshold`) then lands on 0.99 or 0.01 and misses on new images. A BCE trained with a positive weight
+    w gives scores sigmoid(logit(p) + log w), so the threshold is moved onto that scale. Without positives `default`.
+    """
+    if labels.sum() == 0 or len(scores) == 0:
+        return default
+    half_best = float(_f1_at_each_cut(scores, labels)[0].max()) / 2  # in (0, 0.5]: F1 > 0 when positives exist
+    return float(1 / (1 + (1 - half_best) / (half_best * pos_weight)))
+
+
+THRESHOLD_RULES = ("half-f1", "max-f1")
+
+
+def tune_thresholds(probs: np.ndarray, targets: np.ndarray, mask: np.ndarray, *, rule: str = "max-f1",
+                    pos_weight=None, default: float = 0.5) -> list[float]:
+    """Per-attribute thresholds over known labels; (N, A) inputs.
+
+    Args:
+        rule: "max-f1" (the threshold that maximises F1 on these rows) or "half-f1" (`half_f1_threshold`).
+        pos_weight: (A,) the loss's positive weights, which "half-f1" takes out; None = 1.
+    """
+    weights = np.ones(probs.shape[1]) if pos_weight is None else np.asarray(pos_weight, np.float64)
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"threshold rule must be one of {THRESHOLD_RULES}, got {rule!r}")
+    if rule == "half-f1":
+        return [half_f1_threshold(probs[mask[:, a], a], targets[mask[:, a], a], float(weights[a]), default)
+                for a in range(probs.shape[1])]
+    return [best_f1_threshold(probs[mask[:, a], a], targets[mask[:, a], a], default) for a in range(probs.shape[1])]
 
 
 def confusion(probs, targets, mask, thresholds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -87,17 +118,18 @@ def f1_summary(tp, fp, fn, evaluated: np.ndarray) -> dict:
     }
 
 
-def crossfit_confusion(probs, targets, mask, seed: int = 0):
+def crossfit_confusion(probs, targets, mask, seed: int = 0, *, rule: str = "max-f1", pos_weight=None):
     """Confusion counts of tuned thresholds measured on data they were NOT tuned on.
 
-    Validation rows are split in two halves; thresholds tuned on one half are scored on the other, and the counts
-    of both directions are added. This is the honest estimate of tuned-threshold F1; tuning and scoring on the
-    same rows flatters it.
+    Validation rows are split in two halves; thresholds tuned on one half (by `rule`, see `tune_thresholds`) are
+    scored on the other, and the counts of both directions are added. This is the honest estimate of tuned-threshold
+    F1; tuning and scoring on the same rows flatters it.
     """
     halves = np.random.default_rng(seed).permutation(len(probs)) % 2 == 0
     total = [np.zeros(probs.shape[1], dtype=np.int64) for _ in range(3)]
     for fit_rows in (halves, ~halves):
-        thresholds = tune_thresholds(probs[fit_rows], targets[fit_rows], mask[fit_rows])
+        thresholds = tune_thresholds(probs[fit_rows], targets[fit_rows], mask[fit_rows], rule=rule,
+                                     pos_weight=pos_weight)
         counts = confusion(probs[~fit_rows], targets[~fit_rows], mask[~fit_rows], thresholds)
         total = [a + b for a, b in zip(total, counts, strict=True)]
     return tuple(total)
@@ -125,7 +157,8 @@ def mean_average_precision(probs, targets, mask) -> float | None:
     return _clean(ap[evaluated].mean()) if evaluated.any() else None
 
 
-def evaluate_predictions(probs, targets, mask, label_names: list[str], thresholds: list[float] | None = None) -> dict:
+def evaluate_predictions(probs, targets, mask, label_names: list[str], thresholds: list[float] | None = None, *,
+                         rule: str = "max-f1", pos_weight=None) -> dict:
     """Every validation metric, NA skipped.
 
     Args:
@@ -133,7 +166,8 @@ def evaluate_predictions(probs, targets, mask, label_names: list[str], threshold
         targets: (N, A) 0/1 (any value where NA).
         mask: (N, A) bool, True where the label is known.
         label_names: A names.
-        thresholds: Tuned per-attribute thresholds; tuned here when None.
+        thresholds: Tuned per-attribute thresholds; tuned here (by `rule`) when None.
+        rule, pos_weight: how thresholds are tuned, here and in the cross-fitted F1 (see `tune_thresholds`).
 
     Returns:
         A JSON-ready dict: mAP (over attributes with both classes among known labels), micro / macro F1 at 0.5,
@@ -145,10 +179,10 @@ def evaluate_predictions(probs, targets, mask, label_names: list[str], threshold
     negatives = (mask & (targets == 0)).sum(0)
     ap, evaluated = per_attribute_ap(probs, targets, mask)
     if thresholds is None:
-        thresholds = tune_thresholds(probs, targets, mask)
+        thresholds = tune_thresholds(probs, targets, mask, rule=rule, pos_weight=pos_weight)
     at_half = f1_summary(*confusion(probs, targets, mask, [0.5] * probs.shape[1]), evaluated)
     tuned = f1_summary(*confusion(probs, targets, mask, thresholds), evaluated)
-    crossfit = f1_summary(*crossfit_confusion(probs, targets, mask), evaluated)
+    crossfit = f1_summary(*crossfit_confusion(probs, targets, mask, rule=rule, pos_weight=pos_weight), evaluated)
     per_attribute = {
         name: {
             "ap": _clean(ap[a]),

@@ -21,6 +21,7 @@ metrics.json, written by `write_outputs` from `finalize`'s dict:
                          _weight, for teacher its teacher_weight, for fixmatch its fixmatch_threshold, _weight,
                          _negatives, _pos_weight, _jitter}:
                          what the training loss did with NA (validation and these counts: real labels)
+    threshold_rule       "half-f1" or "max-f1": how the thresholds were tuned (--threshold-rule, 'auto' decided)
     thresholds_note      how the thresholds were chosen and which F1 is honest
 """
 
@@ -61,9 +62,10 @@ def finalize(model: AttrClassifier, result: FitResult, data: AttrData, cfg: Trai
     best = result.best
     model.load_state_dict(best.state, strict=True)
     model.eval()
-    thresholds = tune_thresholds(best.probs, best.targets, best.mask)
+    rule = {"rule": cfg.tuning_rule, "pos_weight": result.pos_weight}
+    thresholds = tune_thresholds(best.probs, best.targets, best.mask, **rule)
     model.config.thresholds = thresholds
-    evaluation = evaluate_predictions(best.probs, best.targets, best.mask, data.label_names, thresholds)
+    evaluation = evaluate_predictions(best.probs, best.targets, best.mask, data.label_names, thresholds, **rule)
     names = data.label_names
     return {
         "attrclf_version": __version__,
@@ -93,9 +95,17 @@ def finalize(model: AttrClassifier, result: FitResult, data: AttrData, cfg: Trai
         },
         "pos_weight": dict(zip(names, [round(w, 4) for w in result.pos_weight], strict=True)),
         "na_policy": na_policy_record(cfg),
-        "thresholds_note": "thresholds maximise F1 on the validation split; f1_macro_tuned is measured on the same "
-                           "images (optimistic), f1_macro_tuned_crossfit on held-out halves (honest)",
+        "threshold_rule": cfg.tuning_rule,
+        "thresholds_note": THRESHOLD_NOTES[cfg.tuning_rule] + "; f1_macro_tuned is measured on the same images "
+                           "(optimistic), f1_macro_tuned_crossfit on held-out halves, tuned the same way (honest)",
     }
+
+
+THRESHOLD_NOTES = {
+    "half-f1": "each threshold is half the best F1 reached on the validation split, as a probability with pos_weight "
+               "taken out (the F1-optimal threshold of calibrated probabilities)",
+    "max-f1": "each threshold maximises F1 on the validation split",
+}
 
 
 def na_policy_record(cfg: TrainConfig) -> dict:

@@ -11,7 +11,7 @@ validation images as a list. Each run stops early, picks its best epoch and (att
 validation split only; then attrclf's saved folder is loaded with `attrclf.Predictor` and the seed recipe writes its
 best model's probabilities, both on the TEST images, and attrclf.metrics scores them: mAP, per-attribute AP, macro-F1
 at 0.5, at the run's own thresholds (attrclf: config.json's, tuned on validation; seed: 0.5, as the seed does) and
-cross-fitted on the test images (tuned on one half, scored on the other).
+cross-fitted on the test images (tuned on one half, scored on the other; attrclf by its run's --threshold-rule).
 
 Runs: each `--variant NAME=FLAGS` (train.py flags; `default=` is today's defaults) and the seed recipe (`seed`), each
 with the full labels and with a further `--hide` (50%) of the known TRAINING labels hidden (validation and test
@@ -177,7 +177,10 @@ def train_attrclf(args, spec: RunSpec, split: Split, group_column: str) -> RunRe
     test_paths = [DATASETS[args.dataset][0] / "images" / name for name in split.test.names()]
     probs = predictor.predict_probs(test_paths, batch_size=64)
     targets = split.test.targets()
-    test = evaluate_predictions(probs, targets == 1, targets >= 0, split.test.label_names, predictor.thresholds())
+    # the cross-fitted F1 tunes on test halves the way this run tuned its thresholds (runs before the rule: max-f1)
+    rule = {"rule": metrics.get("threshold_rule", "max-f1"), "pos_weight": list(metrics["pos_weight"].values())}
+    test = evaluate_predictions(probs, targets == 1, targets >= 0, split.test.label_names, predictor.thresholds(),
+                                **rule)
     return RunResult(run_key(args, spec, split), test, curve, metrics["best_epoch"], metrics["epochs_run"],
                      metrics["train_seconds"], wall, split_check(metrics, split, spec))
 

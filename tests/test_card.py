@@ -88,3 +88,13 @@ def test_loss_average_attributes_trains_and_the_card_says_so(tiny_data, tmp_path
     assert ("averaged over known labels only (each attribute's mean, then the mean over the attributes: "
             "`--loss-average attributes`)") in card
     assert json.loads((tmp_path / "train_config.json").read_text())["loss_average"] == "attributes"
+    # BCE: the default threshold rule, named in the card and in metrics.json
+    assert metrics["threshold_rule"] == "half-f1"
+    assert "threshold is half the best F1 it reached on the validation split" in card
+
+
+def test_the_card_says_how_the_thresholds_were_tuned():
+    assert "half the best F1" in card.threshold_summary({"threshold_rule": "half-f1"})
+    plain = "Thresholds were tuned per attribute to maximise F1 on the validation split."
+    assert card.threshold_summary({"threshold_rule": "max-f1"}) == plain
+    assert card.threshold_summary({}) == plain  # metrics.json of a run before the rule was recorded

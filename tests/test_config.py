@@ -19,6 +19,18 @@ def test_automatic_defaults_for_the_demo_and_for_data():
     assert data.resolve() == data  # resolving twice decides nothing new
 
 
+@pytest.mark.parametrize("flags, rule", [
+    ([], "half-f1"),                                       # BCE: calibrated once pos_weight is taken out
+    (["--loss", "asl"], "max-f1"),                         # ASL and focal reshape the probabilities
+    (["--loss", "focal"], "max-f1"),
+    (["--balanced-sampler"], "max-f1"),                    # resampling moves them too
+    (["--loss", "asl", "--threshold-rule", "half-f1"], "half-f1"),  # a rule that is asked for is kept
+    (["--threshold-rule", "max-f1"], "max-f1"),
+])
+def test_the_threshold_rule_auto_picks_half_f1_only_where_the_probabilities_are_calibrated(flags, rule):
+    assert parse_args(flags).resolve().tuning_rule == rule
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--unfreeze-stages", "last"], "--unfreeze-stages must be a number or 'all' (got 'last')"),
     (["--epochs", "0"], "--epochs must be at least 1"),

@@ -234,7 +234,8 @@ def test_pseudo_labels_never_reach_validation_thresholds_or_counts(tmp_path, tin
     loader = make_loader(data.validation, eval_transform(model.config), 8, False)
     fresh = evaluate(model, loader, engine.build_loss("bce"), Accelerator(cpu=True))
     np.testing.assert_allclose(fresh.probs, result.best.probs, atol=1e-6)
-    assert model.config.thresholds == tune_thresholds(result.best.probs, real_targets, real_mask)
+    assert model.config.thresholds == tune_thresholds(result.best.probs, real_targets, real_mask, rule="half-f1",
+                                                      pos_weight=result.pos_weight)
     assert metrics["validation"]["mAP"] == pytest.approx(mean_average_precision(fresh.probs, real_targets, real_mask))
     # counts: the data's real labels, in metrics.json and per attribute of the validation table
     saved = json.loads((tmp_path / "pseudo" / "metrics.json").read_text())

@@ -8,7 +8,7 @@ import pytest
 
 import attrclf
 from attrclf.config import TrainConfig
-from attrclf.metrics import evaluate_predictions
+from attrclf.metrics import evaluate_predictions, tune_thresholds
 from attrclf.reporting import finalize, summary_table, write_outputs
 from attrclf.state import BestEpoch, EpochRecord, FitResult, History
 
@@ -16,7 +16,7 @@ from .conftest import OUTPUT_FILES, tiny_split
 
 METRICS_KEYS = {"attrclf_version", "validation", "best_epoch", "epochs_run", "stopped_early", "train_seconds",
                 "world_size", "num_machines", "mixed_precision", "resumed_from", "data", "pos_weight", "na_policy",
-                "thresholds_note", "weights", "ema_decay"}
+                "threshold_rule", "thresholds_note", "weights", "ema_decay"}
 
 
 @pytest.fixture
@@ -44,7 +44,12 @@ def test_metrics_json_holds_the_documented_keys_and_the_full_suite_of_the_best_e
     assert set(metrics) <= set(re.findall(r"\w+", attrclf.reporting.__doc__))  # each key is in the docstring
     assert metrics["attrclf_version"] == attrclf.__version__
     best = result.best
-    full = evaluate_predictions(best.probs, best.targets, best.mask, data.label_names, model.config.thresholds)
+    # the default rule: half the best F1, moved onto the scale of the loss's positive weights (1, 2, 3)
+    assert metrics["threshold_rule"] == "half-f1"
+    assert model.config.thresholds == tune_thresholds(best.probs, best.targets, best.mask, rule="half-f1",
+                                                      pos_weight=[1.0, 2.0, 3.0])
+    full = evaluate_predictions(best.probs, best.targets, best.mask, data.label_names, model.config.thresholds,
+                                rule="half-f1", pos_weight=[1.0, 2.0, 3.0])
     assert metrics["validation"] == {"loss": 0.4, **full}
     assert (metrics["best_epoch"], metrics["epochs_run"], metrics["train_seconds"]) == (2, 2, 2.0)
     assert (metrics["weights"], metrics["ema_decay"]) == (best.weights, 0.9998)
