@@ -88,6 +88,9 @@ class TrainConfig:
                                  "fine-tunes at --lr-finetune x this**k, so the early, generic stages move least "
                                  "(1 = every stage at --lr-finetune)", 1.0)
     weight_decay: float = _opt("AdamW weight decay (not applied to norms and biases)", 1e-2)
+    clip_grad: float = _opt("clip the gradient's global L2 norm to this value before every optimizer step (a batch "
+                            "with an outsized gradient then moves the weights no further than a typical one); "
+                            "0 = off", 0.0)
     head_epochs: int | None = _opt("epochs that train the head alone before unfreezing (default: 1 pretrained, "
                                    "0 from scratch)")
     unfreeze_stages: str | None = _opt("backbone stages to unfreeze after the head epochs: a number (1 = the last, "
@@ -285,6 +288,8 @@ class TrainConfig:
             raise AttrclfError(f"--mixup and --cutmix must be >= 0, 0 = off (got {self.mixup:g}, {self.cutmix:g})")
         if self.na_policy not in NA_POLICIES:
             raise AttrclfError(f"--na-policy must be one of {', '.join(NA_POLICIES)} (got '{self.na_policy}')")
+        if self.clip_grad < 0:
+            raise AttrclfError(f"--clip-grad must be >= 0, 0 = off (got {self.clip_grad:g})")
         if self.switch_warmup < 0:
             raise AttrclfError(f"--switch-warmup must be >= 0 epochs, 0 = none (got {self.switch_warmup:g})")
         if not 0 < self.lr_layer_decay <= 1:

@@ -174,6 +174,8 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, accelerator: Accelerat
             loss = loss + pseudo.term(loss_fn, logits, strong_logits, mask)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
+        if cfg.clip_grad:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
         optimizer.step()
         state.step += 1
         update_ema(ema, accelerator.unwrap_model(model), state.step)

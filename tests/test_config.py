@@ -128,3 +128,10 @@ def test_unreadable_or_malformed_config_files(tmp_path):
     (tmp_path / "nested.yaml").write_text("data: {path: x}\n")
     with pytest.raises(AttrclfError, match="--data takes one value"):
         parse_args(["--config", str(tmp_path / "nested.yaml")])
+
+
+def test_a_negative_clip_grad_is_one_clear_error():
+    from attrclf.config import TrainConfig
+
+    with pytest.raises(AttrclfError, match=r"--clip-grad must be >= 0, 0 = off \(got -1\)"):
+        TrainConfig(data="d", clip_grad=-1).resolve()

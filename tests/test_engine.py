@@ -7,7 +7,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from attrclf.engine import build_model, evaluate, fit
+from attrclf.engine import build_model, evaluate, fit, train_and_save
 from attrclf.loader import make_loader
 from attrclf.losses import build_loss
 from attrclf.metrics import evaluate_predictions, mean_average_precision
@@ -100,3 +100,31 @@ def test_validation_result_from_logits():
     assert result.loss == pytest.approx(known.item())
     np.testing.assert_allclose(result.probs, torch.sigmoid(logits).numpy())
     assert result.mask.dtype == bool and result.targets.tolist() == targets.tolist()
+
+
+@pytest.mark.slow  # trains 1 epoch twice, and saves
+def test_clip_grad_bounds_the_norm_the_optimizer_steps_with(tmp_path, tiny_data, monkeypatch):
+    """--clip-grad C: every optimizer step sees a gradient of global L2 norm <= C; without it, larger norms occur."""
+    data = tiny_split(tiny_data)
+    norms = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(optimizer, *args, **kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    found = {}
+    for clip in (0.0, 0.01):
+        norms.clear()
+        cfg = tiny_config(tiny_data, tmp_path / f"out{clip}", epochs=1, head_epochs=0, clip_grad=clip,
+                          keep_checkpoints=0)
+        train_and_save(cfg, data, Accelerator(cpu=True))
+        found[clip] = list(norms)
+    assert found[0.0] and min(found[0.0]) > 0.02  # unclipped: well above the bound below
+    assert found[0.01] and max(found[0.01]) == pytest.approx(0.01, rel=1e-3)
+    assert all(n <= 0.01 * (1 + 1e-3) for n in found[0.01])
+    # the card says so (train_config.json records it)
+    assert "gradient clipped to global L2 norm 0.01" in (tmp_path / "out0.01" / "README.md").read_text()
+    assert "clipped" not in (tmp_path / "out0.0" / "README.md").read_text()
