@@ -290,7 +290,7 @@ class TrainConfig:
             raise AttrclfError(f"--mixup and --cutmix must be >= 0, 0 = off (got {self.mixup:g}, {self.cutmix:g})")
         if self.na_policy not in NA_POLICIES:
             raise AttrclfError(f"--na-policy must be one of {', '.join(NA_POLICIES)} (got '{self.na_policy}')")
-        if self.clip_grad < 0:
+        if not self.clip_grad >= 0:  # also catches nan
             raise AttrclfError(f"--clip-grad must be >= 0, 0 = off (got {self.clip_grad:g})")
         if self.switch_warmup < 0:
             raise AttrclfError(f"--switch-warmup must be >= 0 epochs, 0 = none (got {self.switch_warmup:g})")

@@ -130,8 +130,9 @@ def test_unreadable_or_malformed_config_files(tmp_path):
         parse_args(["--config", str(tmp_path / "nested.yaml")])
 
 
-def test_a_negative_clip_grad_is_one_clear_error():
+@pytest.mark.parametrize("value, shown", [(-1, "-1"), (float("nan"), "nan")])
+def test_a_negative_or_nan_clip_grad_is_one_clear_error(value, shown):
     from attrclf.config import TrainConfig
 
-    with pytest.raises(AttrclfError, match=r"--clip-grad must be >= 0, 0 = off \(got -1\)"):
-        TrainConfig(data="d", clip_grad=-1).resolve()
+    with pytest.raises(AttrclfError, match=rf"--clip-grad must be >= 0, 0 = off \(got {shown}\)"):
+        TrainConfig(data="d", clip_grad=value).resolve()
