@@ -150,7 +150,10 @@ class TrainConfig:
     fixmatch_pos_weight: bool = _opt("--na-policy fixmatch: the positive weight multiplies a pseudo-positive as it "
                                      "does a known positive (default: each weighs 1, so a wrong one costs no more "
                                      "than a wrong negative)", False)
-    pos_weight_cap: float = _opt("upper bound of the per-attribute positive weight (negatives / positives)", 50.0)
+    pos_weight_cap: float = _opt("upper bound of the per-attribute positive weight (negatives / positives): an "
+                                 "attribute rarer than 1 in 11 has its positives weighed 10 times a negative, not "
+                                 "fully compensated, so a few rare positives do not pull the shared layers off the "
+                                 "rest (benchmarks/README.md, ninth campaign; 1 = no weighting)", 10.0)
     threshold_rule: str = _opt("how each attribute's threshold is tuned on the validation split: 'half-f1' = half the "
                                "best F1 reached there, as a probability with pos_weight taken out (the F1-optimal "
                                "threshold of calibrated probabilities; steady with few positives), 'max-f1' = the "

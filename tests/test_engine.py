@@ -1,5 +1,6 @@
 """The training loop in one process: validation, per-epoch figures, images that break mid-training."""
 
+import json
 import time
 
 import numpy as np
@@ -128,3 +129,27 @@ def test_clip_grad_bounds_the_norm_the_optimizer_steps_with(tmp_path, tiny_data,
     # the card says so (train_config.json records it)
     assert "gradient clipped to global L2 norm 0.01" in (tmp_path / "out0.01" / "README.md").read_text()
     assert "clipped" not in (tmp_path / "out0.0" / "README.md").read_text()
+
+
+@pytest.mark.slow  # trains 1 epoch and saves
+def test_default_pos_weight_is_negatives_over_positives_capped_at_10(tmp_path):
+    """The default cap: an attribute 1 in 24 positive weighs its positives 10 (not 23), one 1 in 4 weighs 3; the card
+    names the capped attribute."""
+    lines = ["img rare common grp"] + [f"i{n:02d}.png {int(n % 24 == 0)} {int(n % 4 == 0)} g{n // 3}"
+                                       for n in range(96)]
+    data_dir = write_labels_dataset(tmp_path / "d", lines)
+    data = tiny_split(data_dir)
+    cfg = tiny_config(data_dir, tmp_path / "out", epochs=1, head_epochs=0, keep_checkpoints=0)
+    assert cfg.pos_weight_cap == 10
+    train_and_save(cfg, data, Accelerator(cpu=True))
+    out = tmp_path / "out"
+    weights = json.loads((out / "metrics.json").read_text())["pos_weight"]
+    counts = {name: (sum(1 for row in data.train["labels"] if row[i] == 1), sum(1 for row in data.train["labels"]
+                                                                                  if row[i] == 0))
+              for i, name in enumerate(data.label_names)}
+    positives, negatives = counts["common"]
+    assert negatives / positives < 10 and weights["common"] == pytest.approx(negatives / positives, abs=1e-4)
+    positives, negatives = counts["rare"]
+    assert negatives / positives > 10 and weights["rare"] == 10
+    card = (out / "README.md").read_text()
+    assert "pos_weight reached its cap (10) for rare:" in card
