@@ -293,8 +293,8 @@ def run_notes(metrics: dict, train_config: dict) -> list[str]:
     capped = [name for name, w in metrics["pos_weight"].items() if w >= cap]
     if capped:
         notes.append(f"pos_weight reached its cap ({train_config['pos_weight_cap']:g}) for {', '.join(capped)}: "
-                     f"their positives weigh {train_config['pos_weight_cap']:g} times a negative, less than their "
-                     f"rarity (negatives / positives) would give (--pos-weight-cap).")
+                     f"a positive of these weighs {train_config['pos_weight_cap']:g} times a negative, less than "
+                     f"negatives / positives would give (--pos-weight-cap).")
     if metrics["data"]["skipped_images"]:
         notes.append(f"{metrics['data']['skipped_images']} unreadable image(s) were skipped; they are listed in "
                      f"metrics.json.")
