@@ -295,6 +295,9 @@ class TrainConfig:
             raise AttrclfError(f"--na-policy must be one of {', '.join(NA_POLICIES)} (got '{self.na_policy}')")
         if not self.clip_grad >= 0:  # also catches nan
             raise AttrclfError(f"--clip-grad must be >= 0, 0 = off (got {self.clip_grad:g})")
+        if not self.pos_weight_cap >= 1:  # also catches nan; below 1 the bounds [1/cap, cap] cross
+            raise AttrclfError(f"--pos-weight-cap must be >= 1, 1 = no positive weighting "
+                               f"(got {self.pos_weight_cap:g})")
         if self.switch_warmup < 0:
             raise AttrclfError(f"--switch-warmup must be >= 0 epochs, 0 = none (got {self.switch_warmup:g})")
         if not 0 < self.lr_layer_decay <= 1:

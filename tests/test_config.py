@@ -136,3 +136,11 @@ def test_a_negative_or_nan_clip_grad_is_one_clear_error(value, shown):
 
     with pytest.raises(AttrclfError, match=rf"--clip-grad must be >= 0, 0 = off \(got {shown}\)"):
         TrainConfig(data="d", clip_grad=value).resolve()
+
+
+@pytest.mark.parametrize("value, shown", [(0.0, "0"), (0.5, "0.5"), (-3.0, "-3"), (float("nan"), "nan")])
+def test_a_pos_weight_cap_below_one_or_nan_is_one_clear_error(value, shown):
+    """Below 1 the clamp [1/cap, cap] would cross (0 divided by zero); nan would train with every weight nan."""
+    message = rf"--pos-weight-cap must be >= 1, 1 = no positive weighting \(got {shown}\)"
+    with pytest.raises(AttrclfError, match=message):
+        TrainConfig(data="d", pos_weight_cap=value).resolve()
