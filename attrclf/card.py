@@ -292,8 +292,8 @@ def run_notes(metrics: dict, train_config: dict) -> list[str]:
     cap = train_config.get("pos_weight_cap", float("inf"))
     capped = [name for name, w in metrics["pos_weight"].items() if w >= cap]
     if capped:
-        notes.append(f"pos_weight reached its cap ({train_config['pos_weight_cap']:g}) for {', '.join(capped)}: "
-                     f"a positive of these weighs {train_config['pos_weight_cap']:g} times a negative, less than "
+        notes.append(f"pos_weight reached its cap ({cap:g}) for {', '.join(capped)}: "
+                     f"a positive of these weighs {cap:g} times a negative, less than "
                      f"negatives / positives would give (--pos-weight-cap).")
     if metrics["data"]["skipped_images"]:
         notes.append(f"{metrics['data']['skipped_images']} unreadable image(s) were skipped; they are listed in "
