@@ -367,9 +367,10 @@ def fit(model: AttrClassifier, data: AttrData, cfg: TrainConfig, accelerator: Ac
             if isinstance(data, StreamData):
                 run.stream = gather_states(parts.train_loader, accelerator)
             raise stop_here(request, accelerator, run, best, cfg=cfg, fingerprint=fingerprint, ema=parts.ema) from None
+        finally:
+            if isinstance(data, StreamData):
+                parts.train_loader.close()  # the stream's iterators closed here, whatever ended the loop
     accelerator.unwrap_model(prepared.model).to(memory_format=torch.contiguous_format)  # safetensors saves contiguous
-    if isinstance(data, StreamData):
-        parts.train_loader.close()
     run.history.best_epoch = best.epoch
     return FitResult(run.history, best, epochs_run=run.epoch, stopped_early=run.stop == "early_stopping",
                      seconds=run.seconds, pos_weight=parts.pos_weight.tolist(), decode_failures=run.decode_failures,

@@ -319,19 +319,30 @@ class StreamLoader:
     def rows(self):
         """This process's training rows forever, pass after pass: (pass, row)."""
         empty_passes = 0
-        while True:
-            if self._rows is None:
-                self.dataset.set_epoch(self.passes)
-                self._rows = iter(self.dataset)
-            empty = True
-            for row in self._rows:
-                empty = False
-                yield self.passes, row
-            self._rows, self.passes = None, self.passes + 1
-            empty_passes = empty_passes + 1 if empty else 0
-            if empty_passes == 2:  # (one may be a resume at the very end of a pass)
-                raise AttrclfError(f"process {self.rank} has no training rows in its shards; give at least as many "
-                                   f"training shards as processes")
+        try:
+            while True:
+                if self._rows is None:
+                    self.dataset.set_epoch(self.passes)
+                    self._rows = iter(self.dataset)
+                empty = True
+                for row in self._rows:
+                    empty = False
+                    yield self.passes, row
+                self._rows, self.passes = None, self.passes + 1
+                empty_passes = empty_passes + 1 if empty else 0
+                if empty_passes == 2:  # (one may be a resume at the very end of a pass)
+                    raise AttrclfError(f"process {self.rank} has no training rows in its shards; give at least as "
+                                       f"many training shards as processes")
+        finally:
+            self._close_rows()
+
+    def _close_rows(self) -> None:
+        """Close the datasets iterator of the pass under way, here and now. Left to the garbage collector, its
+        finaliser (which shuts a thread pool down and joins it) can run inside another thread's start and deadlock
+        CPython 3.11's threading (seen as a hung test)."""
+        rows, self._rows = self._rows, None
+        if rows is not None and hasattr(rows, "close"):
+            rows.close()
 
     def _draw(self, rows) -> tuple:
         """The next batch's rows pulled from the stream, its seed, and the stream state right after them."""
@@ -365,14 +376,16 @@ class StreamLoader:
             yield (pixel_values.to(self.device, non_blocking=True), targets.to(self.device), mask.to(self.device))
 
     def close(self) -> None:
-        """Stop the decode pool and forget batches drawn ahead (a resume re-reads from `state`)."""
+        """Stop the decode pool, close the stream's iterators and forget batches drawn ahead (a resume re-reads from
+        `state`)."""
         if self._pool is not None:
             self._pool.terminate()
             self._pool = None
         self._pending.clear()
-        self._rows = None
         if hasattr(self, "_row_iter"):
+            self._row_iter.close()  # runs rows()'s `finally`, which closes the datasets iterator
             del self._row_iter
+        self._close_rows()
 
 
 def gather_states(loader: StreamLoader, accelerator) -> list[dict]:

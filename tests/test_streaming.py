@@ -92,6 +92,7 @@ def test_a_streamed_na_entry_adds_no_loss(shard_data, kind):
     config = __import__("attrclf").AttrConfig.for_backbone("test_resnet", ["a", "b", "c"], image_size=32)
     loader = stream_loader(data, eval_transform(config), cfg, OneProcess())
     pixel_values, targets, mask = next(iter(loader))
+    loader.close()
     assert pixel_values.shape == (8, 3, 32, 32)
     by_name = {f"i{n:03d}": label_line(n).split()[1:4] for n in range(200)}
     assert mask.sum() < mask.numel()  # the first batches hold NA entries (every 5th image's c)
@@ -102,6 +103,26 @@ def test_a_streamed_na_entry_adds_no_loss(shard_data, kind):
     manual = torch.nn.functional.binary_cross_entropy_with_logits(logits[mask], targets[mask])
     assert torch.allclose(loss_fn(logits, targets, mask), manual, atol=1e-6)
     assert all(v in ("0", "1", "NA") for values in by_name.values() for v in values)
+
+
+def test_closing_the_loader_closes_the_datasets_iterator_at_once(shard_data):
+    """close() (and leaving rows() early) finishes the datasets iterator then and there, not when the garbage
+    collector gets to it: its finaliser joins a thread pool, which deadlocked a test when GC ran it inside another
+    thread's start."""
+    cfg = stream_config(shard_data / "tar")
+    config = __import__("attrclf").AttrConfig.for_backbone("test_resnet", ["a", "b", "c"], image_size=32)
+    loader = stream_loader(prepare_stream(cfg), eval_transform(config), cfg, OneProcess())
+    next(iter(loader))
+    rows = loader._rows
+    assert rows.gi_frame is not None  # suspended mid-pass
+    loader.close()
+    assert rows.gi_frame is None and loader._rows is None
+    for _ in loader.rows():
+        rows = loader._rows
+        break
+    assert rows.gi_frame is None and loader._rows is None
+    assert len(next(iter(loader))[0]) == 8  # a closed loader starts again where its state says
+    loader.close()
 
 
 def test_a_bad_row_is_named_by_shard_and_row(shard_data, tmp_path):
@@ -123,6 +144,7 @@ def test_a_bad_row_is_named_by_shard_and_row(shard_data, tmp_path):
                                            r"not 0, 1 or NA$"):
         for _ in loader:  # training row 24 in order (rows 0-29 validate): the third batch of 8
             pass
+    loader.close()
     with pytest.raises(AttrclfError, match="shard-00005.tar row 3"):  # held out for validation: found up front
         prepare_stream(stream_config(bad, val_rows=60))
 
