@@ -99,6 +99,10 @@ class TrainConfig:
                                        "stride 32, e.g. ResNet's layer4; 2 adds the stride-16 stage, layer3) or 'all', "
                                        "the whole backbone (default: 2 pretrained, all from scratch)")
     early_stop_patience: int = _opt("stop after this many epochs without a better validation mAP", 5)
+    early_stop_anneal: int = _opt("when early stopping triggers, first anneal: the learning rate falls along a "
+                                  "half cosine from where the schedule stands to its end value (5% of the base) "
+                                  "over this many more epochs, whose validations can still give the best epoch, "
+                                  "then the run stops (0 = stop at once)", 3)
     loss: str = _opt("loss over known labels: bce, asl (asymmetric loss) or focal", "bce", choices=sorted(LOSSES))
     loss_average: str = _opt("how a batch's loss averages its known labels: 'entries' (every known label weighs the "
                              "same) or 'attributes' (each attribute's mean, then the mean over attributes: an "
@@ -283,8 +287,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise AttrclfError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.head_epochs < 0 or self.early_stop_patience < 1:
-            raise AttrclfError("--head-epochs must be >= 0 and --early-stop-patience >= 1")
+        if self.head_epochs < 0 or self.early_stop_patience < 1 or self.early_stop_anneal < 0:
+            raise AttrclfError("--head-epochs and --early-stop-anneal must be >= 0 and --early-stop-patience >= 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise AttrclfError("--max-steps must be at least 1")
         if self.image_size is not None and self.image_size < 8:  # 0 would silently mean the default

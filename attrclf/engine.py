@@ -159,8 +159,8 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, accelerator: Accelerat
     two_views = isinstance(pseudo, ViewPseudoLabels)
     for batch in (replay.skip(bar) if replay else bar):
         pixel_values, targets, mask = prepare(*batch)
-        set_lrs(optimizer, cfg, lr_factor(state.step, steps_per_epoch, cfg),
-                lr_factor(state.step, steps_per_epoch, cfg, part="head"))
+        set_lrs(optimizer, cfg, lr_factor(state.step, steps_per_epoch, cfg, anneal=state.anneal),
+                lr_factor(state.step, steps_per_epoch, cfg, part="head", anneal=state.anneal))
         if two_views:  # the stronger view of the same uint8 rows, through the model with the weak one
             logits, strong_logits = model(torch.cat([pixel_values, strong(batch[0], *batch[3:])])).chunk(2)
         else:
@@ -459,15 +459,33 @@ def report_epoch(record: EpochRecord, cfg: TrainConfig, accelerator: Accelerator
 
 
 def stop_reason(run: RunState, cfg: TrainConfig, accelerator: Accelerator) -> str | None:
-    """Why training ends after the epoch just done ("max_steps", "early_stopping"), or None to go on."""
+    """Why training ends after the epoch just done ("max_steps", "early_stopping"), or None to go on.
+
+    After --early-stop-patience epochs without a better validation mAP (in the last stage), the run stops at once
+    with --early-stop-anneal 0; otherwise it first anneals: `run.anneal` bends the learning rate down to the
+    schedule's floor over the next --early-stop-anneal epochs (or the epochs left, if fewer), whose validations can
+    still give the best epoch, and the run stops after them.
+    """
     if cfg.max_steps and run.step >= cfg.max_steps:
         accelerator.print(f"reached --max-steps {cfg.max_steps}")
         return "max_steps"
-    in_last_stage = stage_at(run.epoch - 1, cfg) == stage_at(cfg.epochs - 1, cfg)
-    if run.since_best >= cfg.early_stop_patience and in_last_stage and run.epoch < cfg.epochs:
-        accelerator.print(f"early stopping: no better validation mAP for {run.since_best} epochs")
+    if run.anneal is not None:
+        if run.epoch < run.anneal["epoch"] + run.anneal["epochs"]:
+            return None
+        accelerator.print(f"early stopping: the learning rate annealed over {run.anneal['epochs']} epoch(s) after "
+                          f"{cfg.early_stop_patience} without a better validation mAP")
         return "early_stopping"
-    return None
+    in_last_stage = stage_at(run.epoch - 1, cfg) == stage_at(cfg.epochs - 1, cfg)
+    if run.since_best < cfg.early_stop_patience or not in_last_stage or run.epoch >= cfg.epochs:
+        return None
+    if cfg.early_stop_anneal:
+        epochs = min(cfg.early_stop_anneal, cfg.epochs - run.epoch)
+        run.anneal = {"step": run.step, "epoch": run.epoch, "epochs": epochs}
+        accelerator.print(f"no better validation mAP for {run.since_best} epochs: annealing the learning rate over "
+                          f"the next {run.anneal['epochs']} epoch(s), then stopping")
+        return None
+    accelerator.print(f"early stopping: no better validation mAP for {run.since_best} epochs")
+    return "early_stopping"
 
 
 def take_decode_failures(parts: TrainingParts, accelerator: Accelerator) -> list[str]:

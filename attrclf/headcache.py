@@ -128,7 +128,7 @@ def train_head_epoch(head, train_set: FeatureSet, optimizer, loss_fn, *, acceler
     total, count = 0.0, 0
     for start in starts:
         features, batch_targets, batch_mask = train_set.batch(order[start : start + batch_size])
-        set_lrs(optimizer, cfg, lr_factor(state.step, len(starts), cfg))
+        set_lrs(optimizer, cfg, lr_factor(state.step, len(starts), cfg, anneal=state.anneal))
         batch_targets, batch_mask = apply_na_policy(batch_targets, batch_mask, cfg.na_policy)
         loss = loss_fn(head(features), batch_targets, batch_mask)
         optimizer.zero_grad(set_to_none=True)

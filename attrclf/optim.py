@@ -44,20 +44,34 @@ def stage_at(epoch: int, cfg: TrainConfig) -> str:
     return "finetune"
 
 
-def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig, part: str = "backbone") -> float:
+LR_FLOOR = 0.05  # the schedule's last factor: the cosine ends at 5% of each base lr
+
+
+def cosine_from(start: float, end: float, progress: float) -> float:
+    """A half cosine from `start` (progress 0) to `end` (progress 1 and beyond)."""
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig, part: str = "backbone",
+              anneal: dict | None = None) -> float:
     """Constant through the head stage; then, from the switch to fine-tuning, a cosine from 1 to 0.05 over the
     fine-tuning epochs, multiplied for its first --switch-warmup epochs by a linear ramp from 1/warm-up steps to 1.
 
     `part` "head" skips the ramp with --no-switch-warmup-head (the head, trained already, keeps its schedule while the
     unfrozen backbone stages warm up). `step` counts the optimiser steps done before this one; a run from scratch
-    (no head stage) warms up too.
+    (no head stage) warms up too. `anneal` (RunState.anneal: {"step", "epoch", "epochs"}, set when validation mAP
+    stopped improving and --early-stop-anneal is on) bends the schedule from that step: a half cosine from the factor
+    it had there down to the floor over `epochs` epochs, the end the full schedule would have reached.
     """
+    if anneal is not None and step >= anneal["step"]:
+        begin = lr_factor(anneal["step"], steps_per_epoch, cfg, part)
+        span = max(1, anneal["epochs"] * steps_per_epoch)
+        return cosine_from(begin, min(begin, LR_FLOOR), (step - anneal["step"]) / span)
     start = cfg.head_epochs * steps_per_epoch
     if step < start or cfg.unfreeze == 0:
         return 1.0
     span = max(1, (cfg.epochs - cfg.head_epochs) * steps_per_epoch)
-    progress = min(1.0, (step - start) / span)
-    cosine = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+    cosine = cosine_from(1.0, LR_FLOOR, (step - start) / span)
     warmup_steps = cfg.switch_warmup * steps_per_epoch
     if part == "head" and not cfg.switch_warmup_head:
         return cosine

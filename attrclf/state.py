@@ -79,6 +79,9 @@ class RunState:
     step: int = 0  # optimiser steps done
     since_best: int = 0  # epochs since the best one, in this stage (early stopping)
     stop: str | None = None  # "max_steps" or "early_stopping" once the loop should end
+    # once validation mAP stopped improving under --early-stop-anneal: {"step": optimiser steps done then, "epoch":
+    # epochs done then, "epochs": the anneal's length}; the schedule decays from that step and the run stops after it
+    anneal: dict[str, int] | None = None
     seconds: float = 0.0  # training and validation time of the epochs done
     decode_failures: dict[str, int] = field(default_factory=dict)  # image name -> epochs it failed to decode in
     history: History = field(default_factory=History)
@@ -97,7 +100,8 @@ class RunState:
 
     def to_dict(self) -> dict:
         """The loop's part of training_state.json (JSON-ready)."""
-        skip = ("history",) if self.stream is not None else ("history", "stream")  # only a stream has a state
+        # only a stream has a state, and only an annealing run an anneal: the others write the file as before them
+        skip = {"history"} | {name for name in ("stream", "anneal") if getattr(self, name) is None}
         return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip},
                 "decode_failures": dict(self.decode_failures), "history": self.history.to_dict()}
 

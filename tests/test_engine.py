@@ -1,5 +1,6 @@
 """The training loop in one process: validation, per-epoch figures, images that break mid-training."""
 
+import dataclasses
 import json
 import time
 
@@ -8,12 +9,14 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from attrclf.engine import build_model, evaluate, fit, train_and_save
+from attrclf.config import TrainConfig
+from attrclf.engine import build_model, evaluate, fit, stop_reason, train_and_save
 from attrclf.loader import make_loader
 from attrclf.losses import build_loss
 from attrclf.metrics import evaluate_predictions, mean_average_precision
+from attrclf.optim import lr_factor
 from attrclf.reporting import finalize
-from attrclf.state import ValidationResult
+from attrclf.state import RunState, ValidationResult
 from attrclf.transforms import eval_transform
 
 from .conftest import tiny_config, tiny_split, write_labels_dataset
@@ -150,3 +153,61 @@ def test_default_pos_weight_is_negatives_over_positives_capped_at_10(tmp_path):
     assert ratio["rare"] > 10 and weights["rare"] == 10
     card = (out / "README.md").read_text()
     assert "pos_weight reached its cap (10) for rare:" in card
+
+
+class Lines:
+    """Stands in for the accelerator where only its print is used."""
+
+    def __init__(self):
+        self.lines = []
+
+    def print(self, line):
+        self.lines.append(line)
+
+
+def test_early_stopping_anneals_for_its_epochs_then_stops():
+    cfg = TrainConfig(data="x", backbone_weights="w", epochs=20, head_epochs=2, early_stop_patience=2,
+                      early_stop_anneal=3).resolve()
+    out = Lines()
+    assert stop_reason(RunState(epoch=2, step=20, since_best=2), cfg, out) is None  # the head stage never stops
+    run = RunState(epoch=6, step=60, since_best=1)
+    assert stop_reason(run, cfg, out) is None and run.anneal is None
+    run.epoch, run.step, run.since_best = 7, 70, 2  # the plateau: the anneal starts from here
+    assert stop_reason(run, cfg, out) is None and run.anneal == {"step": 70, "epoch": 7, "epochs": 3}
+    assert "annealing the learning rate over the next 3 epoch(s)" in out.lines[-1]
+    for epoch, since_best in ((8, 0), (9, 1)):  # a better epoch inside the anneal neither ends nor extends it
+        run.epoch, run.step, run.since_best = epoch, epoch * 10, since_best
+        assert stop_reason(run, cfg, out) is None and run.anneal["step"] == 70
+    run.epoch, run.step, run.since_best = 10, 100, 2
+    assert stop_reason(run, cfg, out) == "early_stopping" and "annealed over 3 epoch(s)" in out.lines[-1]
+    # fewer epochs left than the anneal's: it ends with the run
+    short = RunState(epoch=18, step=180, since_best=2)
+    assert stop_reason(short, cfg, out) is None and short.anneal["epochs"] == 2
+    # 0: stops at the plateau, as before the option
+    at_once = RunState(epoch=7, step=70, since_best=2)
+    assert stop_reason(at_once, dataclasses.replace(cfg, early_stop_anneal=0), out) == "early_stopping"
+    assert at_once.anneal is None
+
+
+@pytest.mark.slow  # trains 5 small epochs and saves
+def test_a_run_anneals_after_its_plateau_keeps_a_better_annealed_epoch_and_stops(tmp_path, tiny_data, monkeypatch):
+    """Validation mAP (scripted) 0.5, 0.6, 0.6 -> plateau after epoch 3 (patience 1): epochs 4-5 anneal the learning
+    rate to the floor, epoch 4's better mAP becomes the best epoch, and the run stops after epoch 5 of 8."""
+    scores = iter([0.5, 0.6, 0.6, 0.7, 0.65])
+    monkeypatch.setattr(ValidationResult, "mean_ap", lambda self: next(scores))
+    cfg = tiny_config(tiny_data, tmp_path / "out", epochs=8, head_epochs=1, early_stop_patience=1,
+                      early_stop_anneal=2, ema_decay=0.0, keep_checkpoints=0)
+    metrics = train_and_save(cfg, tiny_split(tiny_data), Accelerator(cpu=True))
+    assert (metrics["epochs_run"], metrics["stopped_early"], metrics["best_epoch"]) == (5, True, 4)
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    per_epoch, left = divmod(len(history["iterations"]["step"]), 5)
+    assert left == 0
+    anneal = {"step": 3 * per_epoch, "epoch": 3, "epochs": 2}
+    lrs = history["epochs"]["lr_backbone"]
+    for epoch in (3, 4, 5):  # each epoch's figure is the lr of its last step
+        last = epoch * per_epoch - 1
+        assert lrs[epoch - 1] == pytest.approx(cfg.lr_finetune * lr_factor(last, per_epoch, cfg, anneal=anneal))
+    # the last annealed step is a step from the floor; the full schedule would still be near half the base lr
+    assert lrs[4] < 0.07 * cfg.lr_finetune and lr_factor(5 * per_epoch - 1, per_epoch, cfg) > 0.4
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "after 1 epochs without a better validation mAP and 2 more (or the epochs left) that annealed" in card

@@ -61,3 +61,27 @@ def test_no_switch_warmup_head_warms_up_only_the_backbone():
                                  {"params": [torch.zeros(1, requires_grad=True)], "lr": 1.0, "part": "backbone"}])
     set_lrs(optimizer, cfg, 0.1, 0.9)
     assert current_lrs(optimizer) == pytest.approx({"head": cfg.lr * 0.9, "backbone": cfg.lr_finetune * 0.1})
+
+
+def test_the_plateau_anneal_bends_the_schedule_down_to_its_floor():
+    """--early-stop-anneal: from the plateau's step, a half cosine from the factor there to 0.05 over its epochs;
+    before that step the schedule is untouched, and the head follows its own schedule's value down the same way."""
+    cfg = config(head_epochs=2, epochs=12, switch_warmup=1.0, switch_warmup_head=False)
+    anneal = {"step": 50, "epoch": 5, "epochs": 2}  # 5 epochs of 10 steps done; 2 more
+    cosine = [0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * k / 100)) for k in range(101)]  # 10 fine-tuning epochs
+    begin = cosine[30]  # 3 fine-tuning epochs in, warm-up over: the backbone's and the head's factor agree
+    assert lr_factor(49, 10, cfg, anneal=anneal) == pytest.approx(cosine[29])  # before the plateau: as without
+    assert lr_factor(50, 10, cfg, anneal=anneal) == pytest.approx(begin)
+    assert lr_factor(60, 10, cfg, anneal=anneal) == pytest.approx(0.05 + (begin - 0.05) * 0.5)  # half-way
+    assert lr_factor(65, 10, cfg, anneal=anneal) == pytest.approx(
+        0.05 + (begin - 0.05) * 0.5 * (1 + math.cos(math.pi * 0.75)))
+    assert lr_factor(70, 10, cfg, anneal=anneal) == pytest.approx(0.05)
+    assert lr_factor(90, 10, cfg, anneal=anneal) == pytest.approx(0.05)  # never below the floor
+    assert lr_factor(60, 10, cfg, part="head", anneal=anneal) == pytest.approx(0.05 + (begin - 0.05) * 0.5)
+    # inside the switch warm-up the backbone's factor is its ramped value, and the anneal starts from that
+    early = {"step": 25, "epoch": 2, "epochs": 1}
+    ramped = cosine[5] * 6 / 10
+    assert lr_factor(25, 10, cfg, anneal=early) == pytest.approx(ramped)
+    assert lr_factor(35, 10, cfg, anneal=early) == pytest.approx(min(ramped, 0.05))
+    # head-only training (nothing unfreezes) anneals from its constant 1
+    assert lr_factor(60, 10, config(unfreeze_stages="0"), anneal=anneal) == pytest.approx(0.05 + 0.95 * 0.5)

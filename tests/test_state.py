@@ -65,3 +65,12 @@ def test_the_weight_average_column_is_written_and_read_back_when_there_is_one():
     saved = json.loads(json.dumps(history.to_dict()))
     assert list(saved["epochs"]) == list(EPOCH_COLUMNS) and saved["epochs"]["val_mAP_ema"] == [0.8]
     assert History.from_dict(saved) == history
+
+
+def test_an_annealing_runs_state_round_trips_and_others_write_no_anneal():
+    """A checkpoint written during --early-stop-anneal's epochs resumes the same bend of the schedule."""
+    run = RunState(epoch=7, step=70, since_best=2, anneal={"step": 70, "epoch": 7, "epochs": 3})
+    saved = json.loads(json.dumps(run.to_dict()))
+    assert saved["anneal"] == {"step": 70, "epoch": 7, "epochs": 3}
+    assert RunState.from_dict(saved).anneal == run.anneal
+    assert "anneal" not in RunState().to_dict() and RunState.from_dict(RunState().to_dict()).anneal is None
