@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,7 @@ from .common import DATASETS, RESULTS, WEIGHTS, LabelTable, grouped_split, hide_
 REPO = Path(__file__).resolve().parent.parent
 SEED_RECIPE = "seed"
 LABEL_SETS = ("full", "hidden")
+TEST_BACKEND = "torch"  # fp32: the same weights always give the same TEST figures (see score_test)
 
 
 @dataclass
@@ -88,6 +89,8 @@ class RunResult:
     wall_seconds: float
     split_check: str | None = None  # attrclf: does metrics.json's validation split match the mirrored one?
     extra: dict = field(default_factory=dict)
+    # attrclf's TEST predictions: "torch" (fp32) since 2026-12-04; "auto" before, which could pick bf16 by timing
+    test_backend: str = "auto"
 
 
 def sha(path: Path) -> str:
@@ -173,16 +176,40 @@ def train_attrclf(args, spec: RunSpec, split: Split, group_column: str) -> RunRe
     curve = [{"epoch": e, "stage": s, "val_mAP": m, "val_mAP_ema": a, "elapsed": t}
              for e, s, m, a, t in zip(history["epoch"], history["stage"], history["val_mAP"], history["val_mAP_ema"],
                                       elapsed, strict=True)]
-    predictor = Predictor.from_pretrained(str(model_dir), device="cpu")
+    return RunResult(run_key(args, spec, split), score_test(args, split, model_dir), curve, metrics["best_epoch"],
+                     metrics["epochs_run"], metrics["train_seconds"], wall, split_check(metrics, split, spec),
+                     test_backend=TEST_BACKEND)
+
+
+def score_test(args, split: Split, model_dir: Path) -> dict:
+    """attrclf's saved model on the TEST images, in fp32 torch (TEST_BACKEND): `auto` would time torch against
+    torch-bf16 at load and could take either, and bf16 moves some probabilities by tenths (emoji: 0.47 at most, 5%
+    of entries by more than 0.05), so the same weights scored up to 0.3 points apart."""
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    predictor = Predictor.from_pretrained(str(model_dir), device="cpu", backend=TEST_BACKEND)
     test_paths = [DATASETS[args.dataset][0] / "images" / name for name in split.test.names()]
     probs = predictor.predict_probs(test_paths, batch_size=64)
     targets = split.test.targets()
     # the cross-fitted F1 tunes on test halves the way this run tuned its thresholds (runs before the rule: max-f1)
     rule = {"rule": metrics.get("threshold_rule", "max-f1"), "pos_weight": list(metrics["pos_weight"].values())}
-    test = evaluate_predictions(probs, targets == 1, targets >= 0, split.test.label_names, predictor.thresholds(),
+    return evaluate_predictions(probs, targets == 1, targets >= 0, split.test.label_names, predictor.thresholds(),
                                 **rule)
-    return RunResult(run_key(args, spec, split), test, curve, metrics["best_epoch"], metrics["epochs_run"],
-                     metrics["train_seconds"], wall, split_check(metrics, split, spec))
+
+
+def rescore(args, spec: RunSpec, split: Split) -> RunResult:
+    """--rescore: a finished attrclf run's saved model scored again on TEST in fp32 (its key and curve kept), for runs
+    scored before the backend was pinned; a run without a saved result or model is an error."""
+    path, model_dir = spec.dir / "bench_result.json", spec.dir / "model"
+    if spec.flags is None or not path.is_file() or not (model_dir / "model.safetensors").is_file():
+        raise RuntimeError(f"--rescore: {spec.name} has no finished attrclf run with a saved model in {spec.dir}")
+    result = RunResult(**json.loads(path.read_text()))
+    before = result.test["mAP"]
+    result = replace(result, test=score_test(args, split, model_dir), test_backend=TEST_BACKEND)
+    partial = path.with_name("." + path.name + ".partial")
+    partial.write_text(json.dumps(asdict(result), indent=1))
+    os.replace(partial, path)
+    print(f"rescored {spec.name}: test mAP {before:.4f} -> {result.test['mAP']:.4f} ({TEST_BACKEND})", flush=True)
+    return result
 
 
 def split_check(metrics: dict, split: Split, spec: RunSpec) -> str:
@@ -267,6 +294,8 @@ def parse_args(argv):
     parser.add_argument("--weights", type=Path, default=WEIGHTS)
     parser.add_argument("--launcher", choices=["python", "accelerate"], default="python")
     parser.add_argument("--out-dir", type=Path, default=None, help="default: benchmarks/results/quality_TAG")
+    parser.add_argument("--rescore", action="store_true",
+                        help="score the finished attrclf runs' saved models again on TEST in fp32 (no training)")
     args = parser.parse_args(argv)
     args.variants = parse_variants(args.variant)
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
@@ -291,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
              for label_set in args.label_sets for seed in args.seeds for variant, flags in recipes.items()]
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(run_or_reuse, args, s, split) for s in specs]
+        futures = [pool.submit(rescore if args.rescore else run_or_reuse, args, s, split) for s in specs]
     failed = [f.exception() for f in futures if f.exception() is not None]
     if failed:  # the finished runs are saved: the same command resumes after the fix
         sys.exit("error: " + "\n\nerror: ".join(str(e) for e in failed))
