@@ -100,9 +100,9 @@ class TrainConfig:
                                        "the whole backbone (default: 2 pretrained, all from scratch)")
     early_stop_patience: int = _opt("stop after this many epochs without a better validation mAP", 5)
     early_stop_anneal: int = _opt("when early stopping triggers, first anneal: the learning rate falls along a "
-                                  "half cosine from where the schedule stands to its end value (5% of the base) "
-                                  "over this many more epochs, whose validations can still give the best epoch, "
-                                  "then the run stops (0 = stop at once)", 3)
+                                  "half cosine from where the schedule stands to its end value (a twentieth of "
+                                  "the base) over this many more epochs, whose validations can still give the best "
+                                  "epoch, then the run stops (0 = stop at once)", 3)
     loss: str = _opt("loss over known labels: bce, asl (asymmetric loss) or focal", "bce", choices=sorted(LOSSES))
     loss_average: str = _opt("how a batch's loss averages its known labels: 'entries' (every known label weighs the "
                              "same) or 'attributes' (each attribute's mean, then the mean over attributes: an "
