@@ -217,7 +217,7 @@ def test_a_run_anneals_after_its_plateau_keeps_a_better_annealed_epoch_and_stops
 @pytest.mark.parametrize("from_best", [True, False])
 def test_anneal_from_best_starts_the_anneal_from_the_best_epochs_weights(tmp_path, tiny_data, monkeypatch, from_best):
     """Scripted validation mAP (raw) 0.5, 0.6, 0.55 with patience 1: epoch 2 is the best, the anneal starts after 3.
-    With --anneal-from-best epoch 4 starts from epoch 2's weights (raw and average alike); without, from epoch 3's."""
+    With --anneal-from-best epoch 4 starts from epoch 2's weights (raw and average alike); without it, from epoch 3's."""
     from attrclf import engine
 
     scores = iter([0.5, 0.4, 0.6, 0.5, 0.55, 0.5, 0.5, 0.5])  # (raw, average) per epoch: epoch 2's raw is best
