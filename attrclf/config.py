@@ -103,9 +103,6 @@ class TrainConfig:
                                   "half cosine from where the schedule stands to its end value (a twentieth of "
                                   "the base) over this many more epochs, whose validations can still give the best "
                                   "epoch, then the run stops (0 = stop at once)", 3)
-    anneal_from_best: bool = _opt("--early-stop-anneal starts from the best epoch's weights (the raw weights and "
-                                  "their moving average both set to them) instead of the last epoch's, so a run "
-                                  "that overfit after its best epoch anneals the model it would have kept", False)
     loss: str = _opt("loss over known labels: bce, asl (asymmetric loss) or focal", "bce", choices=sorted(LOSSES))
     loss_average: str = _opt("how a batch's loss averages its known labels: 'entries' (every known label weighs the "
                              "same) or 'attributes' (each attribute's mean, then the mean over attributes: an "

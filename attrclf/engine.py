@@ -354,8 +354,6 @@ def fit(model: AttrClassifier, data: AttrData, cfg: TrainConfig, accelerator: Ac
                     accelerator.print(f"stage 2: unfreezing {what} at lr {cfg.lr_finetune:g}")
                 if stage != prepared.stage:
                     prepared = prepare_stage(accelerator, parts, cfg, stage, prepared=prepared)
-                if cfg.anneal_from_best and run.anneal is not None and run.step == run.anneal["step"]:
-                    restore_best(accelerator.unwrap_model(prepared.model), best, parts.ema, accelerator)
                 seed_epoch(cfg, run.epoch, accelerator, parts)
                 best = run_epoch(prepared, parts, cfg, accelerator, run=run, best=best, replay=replay)
                 replay, checkpoint = None, None
@@ -378,17 +376,6 @@ def fit(model: AttrClassifier, data: AttrData, cfg: TrainConfig, accelerator: Ac
                      seconds=run.seconds, pos_weight=parts.pos_weight.tolist(), decode_failures=run.decode_failures,
                      world_size=accelerator.num_processes, mixed_precision=accelerator.mixed_precision,
                      resumed_from=str(resume_from) if resume_from else None)
-
-
-def restore_best(model: torch.nn.Module, best: BestEpoch, ema, accelerator: Accelerator) -> None:
-    """--anneal-from-best, before the anneal's first step: the model (and its moving average) take the best epoch's
-    weights. Every process holds the same best state, so they stay in step; the optimiser keeps its moments. A run
-    resumed from the checkpoint written at the plateau does the same; one resumed inside the anneal (steps already
-    taken after the plateau) does not (fit checks run.step)."""
-    model.load_state_dict(best.state, strict=True)
-    if ema is not None:
-        ema.module.load_state_dict(best.state, strict=True)
-    accelerator.print(f"annealing from the best epoch's weights (epoch {best.epoch}, {best.weights})")
 
 
 def stop_here(request: preemption.StopRequested, accelerator: Accelerator, run: RunState, best: BestEpoch | None, *,

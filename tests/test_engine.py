@@ -211,38 +211,3 @@ def test_a_run_anneals_after_its_plateau_keeps_a_better_annealed_epoch_and_stops
     assert lrs[4] < 0.07 * cfg.lr_finetune and lr_factor(5 * per_epoch - 1, per_epoch, cfg) > 0.4
     card = (tmp_path / "out" / "README.md").read_text()
     assert "after 1 epochs without a better validation mAP and 2 more (or the epochs left) that annealed" in card
-
-
-@pytest.mark.slow  # trains 4 small epochs twice
-@pytest.mark.parametrize("from_best", [True, False])
-def test_anneal_from_best_starts_the_anneal_from_the_best_epochs_weights(tmp_path, tiny_data, monkeypatch, from_best):
-    """Scripted validation mAP (raw) 0.5, 0.6, 0.55 with patience 1: epoch 2 is the best, the anneal starts after 3.
-    With --anneal-from-best epoch 4 starts from epoch 2's weights (raw and average alike); without it, from epoch 3's."""
-    from attrclf import engine
-
-    scores = iter([0.5, 0.4, 0.6, 0.5, 0.55, 0.5, 0.5, 0.5])  # (raw, average) per epoch: epoch 2's raw is best
-    monkeypatch.setattr(ValidationResult, "mean_ap", lambda self: next(scores))
-    entering, averages, kept = [], [], []
-    train, keep = engine.train_one_epoch, engine.keep_best
-
-    def recording_train(model, *args, **kwargs):
-        entering.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-        averages.append({k: v.detach().clone() for k, v in kwargs["ema"].module.state_dict().items()})
-        return train(model, *args, **kwargs)
-
-    def recording_keep(*args, **kwargs):
-        kept.append(keep(*args, **kwargs))
-        return kept[-1]
-
-    monkeypatch.setattr(engine, "train_one_epoch", recording_train)
-    monkeypatch.setattr(engine, "keep_best", recording_keep)
-    cfg = tiny_config(tiny_data, tmp_path / "out", epochs=6, head_epochs=0, early_stop_patience=1,
-                      early_stop_anneal=1, anneal_from_best=from_best, keep_checkpoints=0)
-    result = fit(build_model(cfg, tiny_split(tiny_data).label_names), tiny_split(tiny_data), cfg,
-                 Accelerator(cpu=True))
-    assert result.epochs_run == 4 and result.best.epoch == 2 and len(entering) == 4
-    best_state = kept[-1].state  # epoch 2's
-    assert kept[-1].weights == "raw"
-    for states in (entering, averages):  # the raw weights and their moving average
-        same = all(torch.equal(states[3][k].cpu().contiguous(), best_state[k]) for k in best_state)
-        assert same is from_best
