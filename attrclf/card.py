@@ -300,7 +300,8 @@ def run_notes(metrics: dict, train_config: dict) -> list[str]:
                      f"metrics.json.")
     if train_config.get("max_steps"):
         notes.append(f"A short run (stopped at --max-steps {train_config['max_steps']}): not a finished model.")
-    elif metrics["best_epoch"] == metrics["epochs_run"] == train_config.get("epochs"):
+    elif metrics["best_epoch"] == metrics["epochs_run"] == train_config.get("epochs") and not metrics["stopped_early"]:
+        # (a run that stopped improving and annealed into its last allowed epoch was not still rising)
         notes.append(f"The best epoch was the last of the {metrics['epochs_run']} allowed: validation mAP was still "
                      f"rising, so a longer run (--epochs) would likely do better.")
     return notes

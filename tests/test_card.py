@@ -98,3 +98,14 @@ def test_the_card_says_how_the_thresholds_were_tuned():
     plain = "Thresholds were tuned per attribute to maximise F1 on the validation split."
     assert card.threshold_summary({"threshold_rule": "max-f1"}) == plain
     assert card.threshold_summary({}) == plain  # metrics.json of a run before the rule was recorded
+
+
+def test_a_run_whose_anneal_reached_the_last_epoch_is_not_called_still_rising():
+    """--early-stop-anneal can end in the last allowed epoch and make it the best: the plateau came first, so the card
+    does not suggest more epochs; a run whose best epoch is simply its last one still gets the hint."""
+    validation = {"f1_macro_tuned": None, "f1_macro_tuned_crossfit": None}
+    metrics = {"validation": validation, "data": {"skipped_images": 0}, "pos_weight": {"a": 2.0}, "best_epoch": 30,
+               "epochs_run": 30, "stopped_early": False}
+    assert any("still rising" in note for note in card.run_notes(metrics, {"epochs": 30}))
+    annealed = {**metrics, "stopped_early": True}
+    assert not any("still rising" in note for note in card.run_notes(annealed, {"epochs": 30}))
