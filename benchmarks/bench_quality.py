@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from attrclf import Predictor
+from attrclf.fileio import atomic_write_json
 from attrclf.metrics import evaluate_predictions
 
 from .common import DATASETS, RESULTS, WEIGHTS, LabelTable, grouped_split, hide_training_labels, machine
@@ -205,9 +206,7 @@ def rescore(args, spec: RunSpec, split: Split) -> RunResult:
     result = RunResult(**json.loads(path.read_text()))
     before = result.test["mAP"]
     result = replace(result, test=score_test(args, split, model_dir), test_backend=TEST_BACKEND)
-    partial = path.with_name("." + path.name + ".partial")
-    partial.write_text(json.dumps(asdict(result), indent=1))
-    os.replace(partial, path)
+    atomic_write_json(path, asdict(result), indent=1)
     print(f"rescored {spec.name}: test mAP {before:.4f} -> {result.test['mAP']:.4f} ({TEST_BACKEND})", flush=True)
     return result
 
@@ -256,9 +255,7 @@ def run_or_reuse(args, spec: RunSpec, split: Split) -> RunResult:
     print(f"started {spec.name}", flush=True)
     group_column = DATASETS[args.dataset][1]
     result = (train_seed if spec.flags is None else train_attrclf)(args, spec, split, group_column)
-    partial = path.with_name("." + path.name + ".partial")
-    partial.write_text(json.dumps(asdict(result), indent=1))
-    os.replace(partial, path)
+    atomic_write_json(path, asdict(result), indent=1)
     print(f"done    {spec.name}: test mAP {result.test['mAP']} in {result.wall_seconds:.0f} s", flush=True)
     return result
 
