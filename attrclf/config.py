@@ -88,6 +88,9 @@ class TrainConfig:
                                  "fine-tunes at --lr-finetune x this**k, so the early, generic stages move least "
                                  "(1 = every stage at --lr-finetune)", 1.0)
     weight_decay: float = _opt("AdamW weight decay (not applied to norms and biases)", 1e-2)
+    drop_path: float = _opt("stochastic depth while training: each residual block of the backbone is skipped for an "
+                            "image with a probability that rises with depth to this value at the last block (timm's "
+                            "drop_path_rate; inference never drops; 0 = off)", 0.0)
     clip_grad: float = _opt("clip the gradient's global L2 norm to this value before every optimizer step, so a "
                             "batch whose rare positives carry a large pos_weight (up to --pos-weight-cap) moves the "
                             "weights no further than a typical batch; fine-tuning gradients of the benchmark "
@@ -297,6 +300,8 @@ class TrainConfig:
             raise AttrclfError(f"--mixup and --cutmix must be >= 0, 0 = off (got {self.mixup:g}, {self.cutmix:g})")
         if self.na_policy not in NA_POLICIES:
             raise AttrclfError(f"--na-policy must be one of {', '.join(NA_POLICIES)} (got '{self.na_policy}')")
+        if not 0 <= self.drop_path < 1:  # also catches nan
+            raise AttrclfError(f"--drop-path must be in [0, 1), 0 = off (got {self.drop_path:g})")
         if not self.clip_grad >= 0:  # also catches nan
             raise AttrclfError(f"--clip-grad must be >= 0, 0 = off (got {self.clip_grad:g})")
         if not self.pos_weight_cap >= 1:  # also catches nan; below 1 the bounds [1/cap, cap] cross

@@ -81,7 +81,7 @@ def build_model(cfg: TrainConfig, label_names: list[str]) -> AttrClassifier:
         query_layers=cfg.query_layers,
     )
     return AttrClassifier(config, pretrained=cfg.pretrained and not cfg.backbone_weights,
-                          backbone_weights=cfg.backbone_weights)
+                          backbone_weights=cfg.backbone_weights, drop_path=cfg.drop_path)
 
 
 def training_batch(cfg: TrainConfig, augment=None):

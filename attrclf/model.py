@@ -154,30 +154,42 @@ def create_head(config: AttrConfig, backbone: nn.Module) -> nn.Module:
                       hidden_dropout=config.hidden_dropout)
 
 
-def create_backbone(name: str, pretrained: bool = False, weights_file: str | None = None) -> nn.Module:
+def create_backbone(name: str, pretrained: bool = False, weights_file: str | None = None,
+                    drop_path: float = 0.0) -> nn.Module:
     """A timm backbone without its classifier (forward gives pooled features).
 
     Args:
         name: timm model name.
         pretrained: Download the backbone's default pretrained weights from the Hub.
         weights_file: Load pretrained weights from this local file instead (no network).
+        drop_path: timm's drop_path_rate (stochastic depth while training, rising with depth to this value); it
+            adds no parameters, so a model saved with it loads into one built without.
     """
     check_backbone_name(name)
+    kwargs = {"num_classes": 0}
+    if drop_path:
+        kwargs["drop_path_rate"] = drop_path
+        try:  # a family without stochastic depth (VGG) refuses the argument: say so before loading any weights
+            with torch.device("meta"):
+                timm.create_model(name, pretrained=False, **kwargs)
+        except TypeError as e:
+            raise AttrclfError(f"--drop-path: backbone '{name}' has no stochastic depth (timm: {e}); "
+                               f"use --drop-path 0 with it") from e
     if weights_file:
         if not Path(weights_file).is_file():
             raise AttrclfError(f"--backbone-weights: file '{weights_file}' does not exist")
         try:
             return timm.create_model(
-                name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(weights_file))
+                name, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights_file)), **kwargs
             )
         except (RuntimeError, ValueError, OSError) as e:
             raise AttrclfError(
                 f"--backbone-weights: could not load '{weights_file}' into backbone '{name}': {e}"
             ) from e
     if not pretrained:
-        return timm.create_model(name, pretrained=False, num_classes=0)
+        return timm.create_model(name, pretrained=False, **kwargs)
     try:
-        return timm.create_model(name, pretrained=True, num_classes=0)
+        return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as e:  # network, offline mode, missing files: all mean "no weights here"
         raise AttrclfError(
             f"could not download pretrained weights for backbone '{name}' from the Hugging Face Hub "
@@ -256,12 +268,15 @@ class AttrClassifier(
     backbone), then loads model.safetensors strictly.
     """
 
-    def __init__(self, config: AttrConfig, pretrained: bool = False, backbone_weights: str | None = None):
+    def __init__(self, config: AttrConfig, pretrained: bool = False, backbone_weights: str | None = None,
+                 drop_path: float = 0.0):
         super().__init__()
         self.config = config
         self.frozen_bn_stats = False  # a training setting (--freeze-bn-stats), never saved: see `train`
         self.warm_bn_stages: int | str = 0  # a training setting (--warm-bn-stats), never saved: see `train`
-        self.backbone = create_backbone(config.backbone, pretrained=pretrained, weights_file=backbone_weights)
+        # drop_path (--drop-path) is a training setting too, never saved: it only acts in train mode
+        self.backbone = create_backbone(config.backbone, pretrained=pretrained, weights_file=backbone_weights,
+                                        drop_path=drop_path)
         self.head = create_head(config, self.backbone)
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -91,6 +91,7 @@ def test_loss_average_attributes_trains_and_the_card_says_so(tiny_data, tmp_path
     # BCE: the default threshold rule, named in the card and in metrics.json
     assert metrics["threshold_rule"] == "half-f1"
     assert "threshold is half the best F1 it reached on the validation split" in card
+    assert "stochastic depth" not in card  # --drop-path 0, the default
 
 
 def test_the_card_says_how_the_thresholds_were_tuned():
@@ -109,3 +110,18 @@ def test_a_run_whose_anneal_reached_the_last_epoch_is_not_called_still_rising():
     assert any("still rising" in note for note in card.run_notes(metrics, {"epochs": 30}))
     annealed = {**metrics, "stopped_early": True}
     assert not any("still rising" in note for note in card.run_notes(annealed, {"epochs": 30}))
+
+
+def test_drop_path_trains_and_the_card_says_so(tiny_data, tmp_path):
+    from accelerate import Accelerator
+
+    from attrclf.engine import train_and_save
+
+    from .conftest import tiny_config, tiny_split
+
+    cfg = tiny_config(tiny_data, tmp_path, drop_path=0.2, epochs=1)
+    train_and_save(cfg, tiny_split(tiny_data), Accelerator(cpu=True))
+    card = (tmp_path / "README.md").read_text()
+    assert "stochastic depth rising to 0.2 at the backbone's last block (--drop-path)" in card
+    assert json.loads((tmp_path / "train_config.json").read_text())["drop_path"] == 0.2
+    assert "drop_path" not in (tmp_path / "config.json").read_text()  # a training setting: inference never drops

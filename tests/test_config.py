@@ -144,3 +144,11 @@ def test_a_pos_weight_cap_below_one_or_nan_is_one_clear_error(value, shown):
     message = rf"--pos-weight-cap must be >= 1, 1 = no positive weighting \(got {shown}\)"
     with pytest.raises(AttrclfError, match=message):
         TrainConfig(data="d", pos_weight_cap=value).resolve()
+
+
+@pytest.mark.parametrize("value, shown", [(-0.1, "-0.1"), (1.0, "1"), (float("nan"), "nan")])
+def test_a_drop_path_outside_0_1_is_one_clear_error(value, shown):
+    from attrclf.config import TrainConfig
+
+    with pytest.raises(AttrclfError, match=rf"--drop-path must be in \[0, 1\), 0 = off \(got {shown}\)"):
+        TrainConfig(data="d", drop_path=value).resolve()

@@ -262,3 +262,39 @@ def test_warm_bn_stats_is_the_default_and_setup_applies_it_unless_the_head_stage
         model = build_model(cfg, data.label_names)
         setup_training(model, data, cfg, Accelerator(cpu=True))
         assert model.warm_bn_stages == stages, changes
+
+
+def test_drop_path_rises_with_depth_acts_only_in_training_and_is_never_saved(tmp_path):
+    """--drop-path 0.3 on test_resnet (3 residual blocks): timm's rates 0.1, 0.2, 0.3; in train mode two passes over the
+    same batch differ, in eval mode the model equals one built without it on the same weights; config.json does not
+    carry it, and the saved weights load strictly into a plain model."""
+    from timm.layers import DropPath
+
+    config = AttrConfig.for_backbone("test_resnet", ["a", "b"], image_size=32, head_hidden=8)
+    torch.manual_seed(0)
+    model = AttrClassifier(config, drop_path=0.3)
+    rates = [m.drop_prob for m in model.modules() if isinstance(m, DropPath)]
+    assert rates == pytest.approx([0.1, 0.2, 0.3])
+    plain = AttrClassifier(config)
+    assert not any(isinstance(m, DropPath) for m in plain.modules())
+    plain.load_state_dict(model.state_dict(), strict=True)
+    x = torch.randn(8, 3, 32, 32)
+    model.eval()
+    plain.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x))
+        model.train()
+        torch.manual_seed(1)
+        first = model(x)
+        torch.manual_seed(2)
+        assert not torch.equal(first, model(x))  # BatchNorm in train mode is the same for the same batch: the drops
+    model.eval()  # (the train-mode passes moved its BatchNorm statistics away from plain's)
+    model.save_pretrained(tmp_path)
+    assert "drop_path" not in (tmp_path / "config.json").read_text()
+    with torch.no_grad():
+        assert torch.equal(AttrClassifier.from_pretrained(tmp_path)(x), model(x))
+
+
+def test_drop_path_on_a_family_without_stochastic_depth_is_a_clear_error():
+    with pytest.raises(AttrclfError, match=r"--drop-path: backbone 'vgg11' has no stochastic depth.*--drop-path 0"):
+        AttrClassifier(AttrConfig.for_backbone("vgg11", ["a"], image_size=32), drop_path=0.1)
