@@ -17,10 +17,16 @@ from .config import TrainConfig
 WARMUP_POWER = 0.75  # timm's suggestion for runs of fewer than ~10k steps
 
 
-def make_ema(model: torch.nn.Module, cfg: TrainConfig) -> ModelEmaV3 | None:
-    """An average of `model` (the unwrapped one, on its device), or None with --ema-decay 0."""
+def make_ema(model: torch.nn.Module, cfg: TrainConfig, device: torch.device | str) -> ModelEmaV3 | None:
+    """An average of `model` (the unwrapped one) on `device`, the training device, or None with --ema-decay 0.
+
+    The model is built on the CPU and `accelerator.prepare` would move it later, leaving a copy made now behind on the
+    CPU, where the first update on a GPU fails. So the model moves to `device` first (in place: an optimizer built on
+    its parameters keeps them), and the average is copied from it there: both on one device, timm updates all the
+    tensors in one fused (foreach) call."""
     if not cfg.ema_decay:
         return None
+    model.to(device)
     # float32 whatever autocast does: bf16 weights cannot hold a small EMA step
     return ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True, warmup_power=WARMUP_POWER, dtype=torch.float32)
 

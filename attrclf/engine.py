@@ -286,7 +286,8 @@ def setup_training(model: AttrClassifier, data: AttrData, cfg: TrainConfig, acce
     head_stage = CachedHeadStage(data, cfg) if uses_feature_cache(cfg) else None
     return TrainingParts(model, loss_fn, make_optimizer(model, cfg), train_loader, val_loader,
                          train_failures=train_failures, val_failures=val_failures, pos_weight=pos_weight,
-                         head_stage=head_stage, ema=make_ema(model, cfg), device_augment=path.augment,
+                         head_stage=head_stage, ema=make_ema(model, cfg, accelerator.device),
+                         device_augment=path.augment,
                          strong_augment=(strong_view(path.augment, cfg.fixmatch_jitter) if cfg.na_policy == "fixmatch"
                                          else None),
                          priors=selective_priors(data, cfg))

@@ -19,7 +19,7 @@ def warmed_decay(step: int, cap: float) -> float:
 def test_the_average_after_a_few_steps_equals_the_hand_computed_one():
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
-    ema = make_ema(model, TrainConfig(ema_decay=0.5))
+    ema = make_ema(model, TrainConfig(ema_decay=0.5), "cpu")
     expected = {k: v.clone() for k, v in model.state_dict().items()}
     for step in range(1, 6):
         with torch.no_grad():
@@ -34,8 +34,32 @@ def test_the_average_after_a_few_steps_equals_the_hand_computed_one():
     assert [round(warmed_decay(s, 0.9998), 4) for s in (1, 2, 3, 10)] == [0.0, 0.4054, 0.5613, 0.8222]
 
 
+def test_the_model_moves_to_the_training_device_before_it_is_copied():
+    # the model is built on the CPU and `accelerator.prepare` moves it later: an average copied before that stayed on
+    # the CPU and made the first optimiser step on a GPU fail ("Expected all tensors to be on the same device"). This
+    # machine has no GPU, so a model that records its moves stands in: make_ema must move it to the device it is
+    # given before the copy, and the copy must be in float32 with the moved weights.
+    moves = []
+
+    class Recording(torch.nn.Linear):
+        def to(self, *args, **kwargs):
+            moves.append(args)
+            return super().to(*args, **kwargs)
+
+    model = Recording(3, 2, dtype=torch.bfloat16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    device = torch.device("cpu")
+    ema = make_ema(model, TrainConfig(ema_decay=0.5), device)
+    assert moves[0] == (device,)
+    assert {p.device for p in ema.module.parameters()} == {device}
+    assert {p.dtype for p in ema.module.parameters()} == {torch.float32}
+    torch.testing.assert_close(ema.module.weight, model.weight.float())
+    assert optimizer.param_groups[0]["params"][0] is model.weight  # moved in place: the optimizer still holds it
+    assert ema.foreach  # one device: timm's fused update
+
+
 def test_no_average_with_decay_zero():
-    assert make_ema(torch.nn.Linear(2, 2), TrainConfig(ema_decay=0.0)) is None
+    assert make_ema(torch.nn.Linear(2, 2), TrainConfig(ema_decay=0.0), "cpu") is None
     update_ema(None, torch.nn.Linear(2, 2), 3)  # nothing to do, no error
 
 
