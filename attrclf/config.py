@@ -212,8 +212,9 @@ class TrainConfig:
     channels_last: bool = _opt("NHWC memory format for convolutional backbones (faster oneDNN / cuDNN kernels)", True)
     num_workers: int | None = _opt("DataLoader worker processes (default: one per spare CPU core, at most 4 on CPU, "
                                    "8 with a GPU)")
-    cpu_threads: int | None = _opt("torch threads per process on CPU (default: the cores divided among the processes; "
-                                   "`accelerate launch` sets OMP_NUM_THREADS=1, which would leave cores idle)")
+    cpu_threads: int | None = _opt("torch threads per process, on CPU and beside a GPU (default on CPU: the cores "
+                                   "divided among the processes, as `accelerate launch` sets OMP_NUM_THREADS=1, which "
+                                   "would leave cores idle; on a GPU: torch's own)")
     seed: int = _opt("random seed (split, initialisation, augmentation, order)", 42)
     max_steps: int | None = _opt("stop after this many optimiser steps (smoke runs)")
     output_dir: str = _opt("where the model and reports are written", "outputs")

@@ -18,8 +18,10 @@ if TYPE_CHECKING:
 
 
 def configure_threads(cfg: TrainConfig, accelerator: Accelerator) -> int:
-    """On CPU, give each process its share of the cores (accelerate's launcher pins every process to one thread)."""
-    if accelerator.device.type != "cpu":
+    """Torch threads of this process: --cpu-threads wherever the run trains; without it, on CPU each process's share
+    of the cores (accelerate's launcher pins every process to one thread), on a GPU torch's own choice. An explicit
+    value counts on a GPU too: several trainings on one box each took every core there and starved each other."""
+    if cfg.cpu_threads is None and accelerator.device.type != "cpu":
         return torch.get_num_threads()
     threads = cfg.cpu_threads or max(1, (os.cpu_count() or 1) // accelerator.num_processes)
     torch.set_num_threads(threads)

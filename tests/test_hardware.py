@@ -31,3 +31,19 @@ def test_each_process_gets_its_share_of_the_cores_or_the_flag(tmp_path, tiny_dat
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_an_explicit_thread_count_holds_beside_a_gpu_too(tmp_path, tiny_data):
+    # on the GPU box several trainings each kept every core when --cpu-threads was ignored there
+    class OnGpu:
+        device = torch.device("cuda")
+        num_processes = 1
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        assert configure_threads(tiny_config(tiny_data, tmp_path), OnGpu()) == 3  # torch's own, untouched
+        assert configure_threads(tiny_config(tiny_data, tmp_path, cpu_threads=2), OnGpu()) == 2
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
