@@ -10,10 +10,12 @@
 # training still running then is stopped and left out); OUT_DIR receives machine.txt and quality.tgz (each finished
 # run's bench_result.json, metrics.json, history.json and logs; no weights). Chains, in priority order: emoji
 # default (seeds 0-4, all and hidden labels as pairs), Tabler default (seeds 0-2), then fixmatch with hidden labels
-# (emoji seeds 0-4, Tabler 0-2); at most K trainings run at once (default 3), each with W loader workers (default 4).
-# Measured on the H200 box (16 cores, 2026-12-04): eight trainings at once with 8 workers each loaded the CPU to ~75
-# runnable threads and ran each at ~4 steps/s (MobileNetV2, 128 px, batch 32) with the GPU 10-60% busy: hence the
-# default of 3 at once with 4 workers (not yet measured there).
+# (emoji seeds 0-4, Tabler 0-2); at most K trainings run at once (default 3), each with W loader workers (default 4) and 2 torch
+# threads.
+# Measured on the H200 box (16 cores, 2026-12-04): eight trainings at once, 8 loader workers and 16 torch threads
+# each (train.py ignored --cpu-threads beside a GPU until 87ede91), loaded the CPU to ~75 runnable threads and ran
+# each at ~4 steps/s (MobileNetV2, 128 px, batch 32) with the GPU 10-60% busy: hence the defaults of 3 at once, 4
+# workers and 2 torch threads each (not yet measured there).
 # Back here: tar xzf quality.tgz -C DIR, then one table per set, e.g.
 #   python -m benchmarks.combine_quality --name emoji_gpu DIR/default_emoji_* DIR/fixmatch_emoji_*
 # A box without internet needs the missing packages as wheels (pip download --no-deps here); on 2026-12-04 it lacked
