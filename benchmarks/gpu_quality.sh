@@ -8,9 +8,9 @@
 #
 # PYTHON runs the benchmarks (it needs requirements.txt's packages); SECONDS is the deadline for the trainings (a
 # training still running then is stopped and left out); OUT_DIR receives machine.txt and quality.tgz (each finished
-# run's bench_result.json, metrics.json, history.json and logs; no weights). Chains, in priority order: emoji
-# default (seeds 0-4, all and hidden labels as pairs), Tabler default (seeds 0-2), then fixmatch with hidden labels
-# (emoji seeds 0-4, Tabler 0-2); at most K trainings run at once (default 3), each with W loader workers (default 4) and 2 torch
+# run's bench_result.json, metrics.json, history.json and logs; no weights). Runs, in priority order: emoji default
+# (seeds 0-4, all and hidden labels as pairs), Tabler default (seeds 0-2), then fixmatch with hidden labels (emoji
+# seeds 0-4, Tabler 0-2); at most K trainings at once (default 3), each with W loader workers (default 4) and 2 torch
 # threads.
 # Measured on the H200 box (16 cores, 2026-12-04): eight trainings at once, 8 loader workers and 16 torch threads
 # each (train.py ignored --cpu-threads beside a GPU until 87ede91), loaded the CPU to ~75 runnable threads and ran
