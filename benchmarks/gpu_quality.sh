@@ -39,7 +39,8 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   lscpu | grep -E "Model name|^CPU\(s\)"
-  "$PY" -c "import torch, timm, datasets; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'timm', timm.__version__, 'datasets', datasets.__version__)"
+  "$PY" -c "import torch, timm, datasets; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
+                                                'timm', timm.__version__, 'datasets', datasets.__version__)"
 } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 # one training per bench_quality process (--jobs 1) so that K processes = K trainings
@@ -49,7 +50,6 @@ for s in 0 1 2; do queue+=("tabler default= full $s" "tabler default= hidden $s"
 for s in 0 1 2 3 4; do queue+=("emoji fixmatch=--na-policy@fixmatch hidden $s"); done
 for s in 0 1 2; do queue+=("tabler fixmatch=--na-policy@fixmatch hidden $s"); done
 start=$(date +%s)
-running=()
 for item in "${queue[@]}"; do
   read -r ds variant labels seed <<< "$item"
   variant=${variant//@/ }; name=${variant%%=*}
