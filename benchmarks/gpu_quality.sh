@@ -10,12 +10,14 @@
 # training still running then is stopped and left out); OUT_DIR receives machine.txt and quality.tgz (each finished
 # run's bench_result.json, metrics.json, history.json and logs; no weights). Runs, in priority order: emoji default
 # (seeds 0-4, all and hidden labels as pairs), Tabler default (seeds 0-2), then fixmatch with hidden labels (emoji
-# seeds 0-4, Tabler 0-2); at most K trainings at once (default 3), each with W loader workers (default 4) and 2 torch
+# seeds 0-4, Tabler 0-2); at most K trainings at once (default 6), each with W loader workers (default 2) and 2 torch
 # threads.
 # Measured on the H200 box (16 cores, 2026-12-04): eight trainings at once, 8 loader workers and 16 torch threads
 # each (train.py ignored --cpu-threads beside a GPU until 87ede91), loaded the CPU to ~75 runnable threads and ran
-# each at ~4 steps/s (MobileNetV2, 128 px, batch 32) with the GPU 10-60% busy: hence the defaults of 3 at once, 4
-# workers and 2 torch threads each (not yet measured there).
+# each at ~4 steps/s (MobileNetV2, 128 px, batch 32) with the GPU 10-60% busy: hence 2 torch threads each. With them
+# (session 14, same box), eight trainings at once (this script twice: --parallel 6 at 128 px beside --parallel 2 at
+# 224 px, --workers 2) ran at ~13 steps/s each (11-12 s per emoji epoch, ~200 s per 30-epoch run, load ~12, GPU 99%
+# busy): 13 runs finished in a 500 s deadline, hence the defaults of 6 at once and 2 workers each.
 # Back here: tar xzf quality.tgz -C DIR, then one table per set, e.g.
 #   python -m benchmarks.combine_quality --name emoji_gpu DIR/default_emoji_* DIR/fixmatch_emoji_*
 # A box without internet needs the missing packages as wheels (pip download --no-deps here); on 2026-12-04 it lacked
@@ -23,7 +25,7 @@
 # httpcore2, truststore and timm 1.0.31, and the prepared benchmarks/data/{emoji,tabler,mobilenetv2_100.safetensors}.
 set -u
 PY=$1; SECONDS_LIMIT=$2; OUT=$3; shift 3
-EPOCHS=30; PX=128; PARALLEL=3; WORKERS=4; LIMIT_GROUPS=0
+EPOCHS=30; PX=128; PARALLEL=6; WORKERS=2; LIMIT_GROUPS=0
 while [ $# -gt 0 ]; do
   case $1 in
     --epochs) EPOCHS=$2; shift 2 ;;
