@@ -54,7 +54,7 @@ class AttrConfig:
 
     label_names: list[str]
     backbone: str = "resnet18"
-    head_hidden: int = 128
+    head_hidden: int = 0
     head_dropout: float = 0.5
     hidden_dropout: float = 0.3
     # config.json files written before the query head existed have none of these: the defaults are the MLP head

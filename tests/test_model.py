@@ -82,6 +82,23 @@ def test_head_shapes():
     assert head[2].out_features == 5 and head[5].out_features == 3
 
 
+def test_default_head_is_one_linear_and_a_model_saved_with_a_hidden_layer_still_loads(tmp_path):
+    """The default head is BatchNorm1d - Dropout - Linear(A) in training and in AttrConfig alike; a model trained
+    before that default (head_hidden 128 in its config.json) keeps its hidden layer when loaded."""
+    assert TrainConfig().head_hidden == AttrConfig(["a"]).head_hidden == 0
+    model = AttrClassifier(AttrConfig.for_backbone("test_resnet", ["a", "b"], image_size=32)).eval()
+    assert [type(m).__name__ for m in model.head] == ["BatchNorm1d", "Dropout", "Linear"]
+    assert model.head[2].in_features == 96 and model.head[2].out_features == 2
+    older = AttrClassifier(AttrConfig.for_backbone("test_resnet", ["a", "b"], image_size=32, head_hidden=128)).eval()
+    older.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["head_hidden"] == 128
+    loaded = AttrClassifier.from_pretrained(tmp_path)
+    assert loaded.head[2].out_features == 128 and loaded.head[5].out_features == 2
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), older(x))
+
+
 def test_unknown_backbone_is_a_clear_error():
     with pytest.raises(AttrclfError, match="unknown backbone 'resnet19x'"):
         AttrConfig.for_backbone("resnet19x", ["a"])

@@ -169,7 +169,8 @@ def test_the_card_names_the_head():
         "feature map (dropout 0.1); each query's output gives its own attribute's logit")
     mlp = asdict(AttrConfig(["a", "b"], head_hidden=0))
     assert head_description(mlp) == "BatchNorm1d - Dropout(0.5) - Linear(2) on the pooled features (`--head mlp`)"
-    old = {k: v for k, v in asdict(AttrConfig(["a"])).items() if k != "head_type"}  # config.json before the field
+    old = {k: v for k, v in asdict(AttrConfig(["a"], head_hidden=128)).items()
+           if k != "head_type"}  # config.json before the field
     assert head_description(old).startswith(
         "BatchNorm1d - Dropout(0.5) - Linear(128) - ReLU - Dropout(0.3) - Linear(1)")
 
