@@ -287,6 +287,25 @@ class TrainConfig:
         cfg.check()
         return cfg
 
+    def unused_head_flags(self) -> list[str]:
+        """One warning per head flag given a value other than its default that the chosen head does not read: the
+        MLP head's dropout after a hidden layer when it has none (--head-hidden 0, the default), and each head's
+        sizes under the other head. The run goes on."""
+        defaults = {f.name: f.default for f in fields(self)}
+        changed = [name for name in ("head_hidden", "head_dropout", "hidden_dropout", "query_dim", "query_heads",
+                                     "query_layers") if getattr(self, name) != defaults[name]]
+        warnings = []
+        for name in changed:
+            flag = f"--{name.replace('_', '-')} {getattr(self, name)}"
+            if self.head == "mlp" and name.startswith("query_"):
+                warnings.append(f"{flag} is unused: it sizes --head query, and this run trains --head mlp")
+            elif self.head == "query" and not name.startswith("query_"):
+                warnings.append(f"{flag} is unused: it belongs to --head mlp, and this run trains --head query")
+            elif name == "hidden_dropout" and not self.head_hidden:
+                warnings.append(f"{flag} is unused: it acts on the MLP head's hidden layer, which the default head "
+                                "(one Linear) does not have; add --head-hidden N for one")
+        return warnings
+
     def check(self) -> None:
         """Raise AttrclfError, naming the flag, for a value no run can use."""
         if self.unfreeze_stages != ALL_STAGES and not str(self.unfreeze_stages).isdigit():

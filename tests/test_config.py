@@ -152,3 +152,15 @@ def test_a_drop_path_outside_0_1_is_one_clear_error(value, shown):
 
     with pytest.raises(AttrclfError, match=rf"--drop-path must be in \[0, 1\), 0 = off \(got {shown}\)"):
         TrainConfig(data="d", drop_path=value).resolve()
+
+
+def test_head_flags_the_chosen_head_does_not_read_are_named_in_a_warning():
+    assert parse_args([]).unused_head_flags() == []
+    assert parse_args(["--head-hidden", "64", "--hidden-dropout", "0.1"]).unused_head_flags() == []
+    assert parse_args(["--hidden-dropout", "0.1"]).unused_head_flags() == [
+        "--hidden-dropout 0.1 is unused: it acts on the MLP head's hidden layer, which the default head (one Linear) "
+        "does not have; add --head-hidden N for one"]
+    assert parse_args(["--query-layers", "2"]).unused_head_flags() == [
+        "--query-layers 2 is unused: it sizes --head query, and this run trains --head mlp"]
+    assert parse_args(["--head", "query", "--head-hidden", "64", "--query-dim", "64"]).unused_head_flags() == [
+        "--head-hidden 64 is unused: it belongs to --head mlp, and this run trains --head query"]

@@ -26,10 +26,11 @@ def run_train(args, tmp_path, launcher=("python",)):
 
 def test_accelerate_launch_trains_the_demo_end_to_end(tmp_path):
     out = tmp_path / "outputs"
-    result = run_train([*TINY, "--demo-size", "240", "--epochs", "4", "--lr", "3e-3", "--output-dir", str(out)],
-                       tmp_path, launcher=("accelerate",))
+    result = run_train([*TINY, "--demo-size", "240", "--epochs", "4", "--lr", "3e-3", "--output-dir", str(out),
+                        "--hidden-dropout", "0.2"], tmp_path, launcher=("accelerate",))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "embedded demo dataset" in result.stdout
+    assert "warning: --hidden-dropout 0.2 is unused" in result.stdout  # the default head has no hidden layer
     assert sorted(p.name for p in out.iterdir()) == [
         "README.md", "config.json", "history.json", "loss_curve.png", "metrics.json", "model.safetensors",
         "pr_curves.png", "train_config.json",
