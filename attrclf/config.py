@@ -70,8 +70,9 @@ class TrainConfig:
     backbone_weights: str | None = _opt("local pretrained weights file for the backbone (no download)")
     image_size: int | None = _opt("square input size (default: the backbone's own; 48 for the demo)")
     head_hidden: int = _opt("hidden width of the head's MLP; 0 (default) = a single Linear on the pooled features, "
-                            "which learned better than a 128-wide hidden layer on both benchmark sets, with all "
-                            "labels and with half of them hidden (benchmarks/README.md, fourteenth campaign)", 0)
+                            "which scored higher than a 128-wide hidden layer on the emoji benchmark and level to "
+                            "higher on Tabler, with all labels and with half of them hidden (benchmarks/README.md, "
+                            "fourteenth campaign)", 0)
     head_dropout: float = _opt("dropout before the head's first Linear", 0.5)
     hidden_dropout: float = _opt("dropout before the head's last Linear, after its hidden layer (--head-hidden above "
                                  "0)", 0.3)
