@@ -42,9 +42,10 @@ REPLAY_RNG = "replay_rng_{}.json"  # per process
 CHECKPOINT_NAME = re.compile(r"epoch_(\d+)(?:_step_(\d+))?")
 # settings that may change on --resume without a warning: they do not change what the run computes
 RESUME_FREE = {"resume", "output_dir", "keep_checkpoints", "num_workers", "cpu_threads", "epochs", "max_steps"}
-# settings that decide the optimizer's parameter groups (attrclf.optim.make_optimizer): a checkpoint's state loads only
-# into the same layout
-OPTIMIZER_LAYOUT = ("unfreeze_stages", "lr_layer_decay")
+# settings that decide the optimizer's parameter groups (attrclf.optim.make_optimizer) and the parameters in them (the
+# backbone and the head's shape): a checkpoint's state loads only into the same layout
+OPTIMIZER_LAYOUT = ("unfreeze_stages", "lr_layer_decay", "backbone", "head", "head_hidden", "query_dim", "query_heads",
+                    "query_layers")
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:

@@ -64,3 +64,7 @@ def test_a_checkpoint_with_another_optimizer_layout_is_refused_by_name(tmp_path)
     check_optimizer_layout(tmp_path, {"unfreeze_stages": "2"}, cfg)  # a missing lr_layer_decay is its default, 1
     with pytest.raises(AttrclfError, match="--lr-layer-decay 0.5"):
         check_optimizer_layout(tmp_path, {"unfreeze_stages": "2", "lr_layer_decay": 0.5}, cfg)
+    # a run begun before the one-Linear head became the default (its head held a 128-wide hidden layer)
+    with pytest.raises(AttrclfError, match=r"trained with --head-hidden 128; this run asks for 0 .* Add --head-hidden "
+                                           r"128 to the command to resume"):
+        check_optimizer_layout(tmp_path, {"unfreeze_stages": "2", "head_hidden": 128}, cfg)
