@@ -288,24 +288,47 @@ class TrainConfig:
         cfg.check()
         return cfg
 
-    def unused_head_flags(self) -> list[str]:
-        """One warning per head flag given a value other than its default that the chosen head does not read: the
-        MLP head's dropout after a hidden layer when it has none (--head-hidden 0, the default), and each head's
-        sizes under the other head. The run goes on."""
+    def unused_flags(self) -> list[str]:
+        """One warning per flag given a value other than its default that this run does not read, because it
+        belongs to a head, loss, NA policy, geometry or mode the run does not use (e.g. --fixmatch-threshold without
+        --na-policy fixmatch, --hidden-dropout with the default one-Linear head). The run goes on."""
         defaults = {f.name: f.default for f in fields(self)}
-        changed = [name for name in ("head_hidden", "head_dropout", "hidden_dropout", "query_dim", "query_heads",
-                                     "query_layers") if getattr(self, name) != defaults[name]]
         warnings = []
-        for name in changed:
-            flag = f"--{name.replace('_', '-')} {getattr(self, name)}"
-            if self.head == "mlp" and name.startswith("query_"):
-                warnings.append(f"{flag} is unused: it sizes --head query, and this run trains --head mlp")
-            elif self.head == "query" and not name.startswith("query_"):
-                warnings.append(f"{flag} is unused: it belongs to --head mlp, and this run trains --head query")
-            elif name == "hidden_dropout" and not self.head_hidden:
-                warnings.append(f"{flag} is unused: it acts on the MLP head's hidden layer, which the default head "
-                                "(one Linear) does not have; add --head-hidden N for one")
+        for name in defaults:
+            value = getattr(self, name)
+            if value == defaults[name] or not (reason := self._unused_reason(name)):
+                continue
+            flag = f"--{name.replace('_', '-')}"
+            if isinstance(value, bool):
+                flag = flag if value else f"--no-{flag[2:]}"
+            else:
+                flag = f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}"
+            warnings.append(f"{flag} is unused: {reason}")
         return warnings
+
+    def _unused_reason(self, name: str) -> str | None:
+        """Why the setting `name` has no effect in this run, or None when the run reads it."""
+        if name in ("head_hidden", "head_dropout", "hidden_dropout") and self.head == "query":
+            return "it belongs to --head mlp, and this run trains --head query"
+        if name.startswith("query_") and self.head != "query":
+            return f"it sizes --head query, and this run trains --head {self.head}"
+        if name == "hidden_dropout" and not self.head_hidden:
+            return ("it acts on the MLP head's hidden layer, which the default head (one Linear) does not have; add "
+                    "--head-hidden N for one")
+        for policy in ("pseudo", "selective", "teacher", "fixmatch"):
+            if name.startswith(policy + "_") and self.na_policy != policy:
+                return f"it tunes --na-policy {policy}, and this run uses --na-policy {self.na_policy}"
+        for loss in ("asl", "focal"):
+            if name.startswith(loss + "_") and self.loss != loss:
+                return f"it tunes --loss {loss}, and this run uses --loss {self.loss}"
+        if name == "crop_scale" and self.geometry != "crop":
+            return f"it sizes the random crops of --geometry crop, and this run uses --geometry {self.geometry}"
+        if name == "hub_private" and not self.push_to_hub:
+            return "it applies to the repo that --push-to-hub creates, and this run pushes nothing"
+        if name in ("shuffle_buffer", "val_data", "val_rows", "stats_rows", "eval_every") and not is_stream(
+                self.data, self.streaming):
+            return "it applies to streamed data (--streaming, or --data naming .tar / .parquet shards)"
+        return None
 
     def check(self) -> None:
         """Raise AttrclfError, naming the flag, for a value no run can use."""

@@ -37,7 +37,7 @@ def training_function(cfg: TrainConfig) -> dict:
     )
     for item in data.skipped[:10]:
         accelerator.print(f"  skipped {item['image']}: {item['reason']}")
-    for message in data.warnings + cfg.unused_head_flags():
+    for message in data.warnings + cfg.unused_flags():
         accelerator.print(f"warning: {message}")
     if cfg.folds:
         metrics = cross_validate(cfg, data, accelerator)

@@ -155,12 +155,40 @@ def test_a_drop_path_outside_0_1_is_one_clear_error(value, shown):
 
 
 def test_head_flags_the_chosen_head_does_not_read_are_named_in_a_warning():
-    assert parse_args([]).unused_head_flags() == []
-    assert parse_args(["--head-hidden", "64", "--hidden-dropout", "0.1"]).unused_head_flags() == []
-    assert parse_args(["--hidden-dropout", "0.1"]).unused_head_flags() == [
+    assert parse_args([]).unused_flags() == []
+    assert parse_args(["--head-hidden", "64", "--hidden-dropout", "0.1"]).unused_flags() == []
+    assert parse_args(["--hidden-dropout", "0.1"]).unused_flags() == [
         "--hidden-dropout 0.1 is unused: it acts on the MLP head's hidden layer, which the default head (one Linear) "
         "does not have; add --head-hidden N for one"]
-    assert parse_args(["--query-layers", "2"]).unused_head_flags() == [
+    assert parse_args(["--query-layers", "2"]).unused_flags() == [
         "--query-layers 2 is unused: it sizes --head query, and this run trains --head mlp"]
-    assert parse_args(["--head", "query", "--head-hidden", "64", "--query-dim", "64"]).unused_head_flags() == [
+    assert parse_args(["--head", "query", "--head-hidden", "64", "--query-dim", "64"]).unused_flags() == [
         "--head-hidden 64 is unused: it belongs to --head mlp, and this run trains --head query"]
+
+
+@pytest.mark.parametrize("args, warnings", [
+    (["--fixmatch-threshold", "0.9", "--no-fixmatch-negatives"], [  # --no-... is the default: no warning for it
+        "--fixmatch-threshold 0.9 is unused: it tunes --na-policy fixmatch, and this run uses --na-policy ignore"]),
+    (["--na-policy", "pseudo", "--fixmatch-negatives", "--pseudo-weight", "0.3"], [
+        "--fixmatch-negatives is unused: it tunes --na-policy fixmatch, and this run uses --na-policy pseudo"]),
+    (["--na-policy", "selective", "--teacher-weight", "0.2", "--selective-weight", "0.2"], [
+        "--teacher-weight 0.2 is unused: it tunes --na-policy teacher, and this run uses --na-policy selective"]),
+    (["--asl-gamma-neg", "2", "--focal-alpha", "0.25"], [
+        "--asl-gamma-neg 2 is unused: it tunes --loss asl, and this run uses --loss bce",
+        "--focal-alpha 0.25 is unused: it tunes --loss focal, and this run uses --loss bce"]),
+    (["--loss", "focal", "--focal-gamma", "1"], []),
+    (["--crop-scale", "0.3"], [
+        "--crop-scale 0.3 is unused: it sizes the random crops of --geometry crop, and this run uses --geometry "
+        "whole"]),
+    (["--geometry", "crop", "--crop-scale", "0.3"], []),
+    (["--hub-private"], [
+        "--hub-private is unused: it applies to the repo that --push-to-hub creates, and this run pushes nothing"]),
+    (["--hub-private", "--push-to-hub", "me/attrclf"], []),
+    (["--data", "some/folder", "--eval-every", "50"], [
+        "--eval-every 50 is unused: it applies to streamed data (--streaming, or --data naming .tar / .parquet "
+        "shards)"]),
+    (["--data", "shards/*.tar", "--eval-every", "50"], []),
+])
+def test_flags_that_tune_another_mode_than_the_runs_are_named_in_a_warning(args, warnings):
+    assert parse_args(args).unused_flags() == warnings
+
