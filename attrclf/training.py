@@ -11,6 +11,7 @@ import sys
 from accelerate import Accelerator
 
 from . import tracking
+from .augment import mixing_warnings
 from .config import TrainConfig, parse_args
 from .crossval import cross_validate
 from .engine import load_training_data, train_and_save
@@ -19,6 +20,7 @@ from .hardware import configure_threads, resolve_mixed_precision
 from .hub import check_can_push, push_model
 from .outputs import check_writable
 from .preemption import stop_on_signals
+from .streaming import StreamData
 
 
 def training_function(cfg: TrainConfig) -> dict:
@@ -37,7 +39,8 @@ def training_function(cfg: TrainConfig) -> dict:
     )
     for item in data.skipped[:10]:
         accelerator.print(f"  skipped {item['image']}: {item['reason']}")
-    for message in data.warnings + cfg.unused_flags():
+    labels = [] if isinstance(data, StreamData) else data.train["labels"]
+    for message in data.warnings + cfg.unused_flags() + mixing_warnings(cfg.mixup, cfg.cutmix, labels):
         accelerator.print(f"warning: {message}")
     if cfg.folds:
         metrics = cross_validate(cfg, data, accelerator)

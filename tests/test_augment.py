@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from attrclf.augment import BatchMixer, cutmix, cutmix_box, mix_known, mixup
+from attrclf.augment import BatchMixer, cutmix, cutmix_box, mix_known, mixing_warnings, mixup
 from attrclf.config import TrainConfig
 from attrclf.engine import training_batch
 from attrclf.errors import AttrclfError
@@ -141,3 +141,14 @@ def test_training_options_from_accelerate_launch(tmp_path):
     row = metrics["validation"]["per_attribute"]["patchy"]
     assert validation["na"] > 0 and (row["positives"], row["negatives"], row["na"]) == (
         validation["positive"], validation["negative"], validation["na"])
+
+
+def test_mixing_on_labels_with_many_na_is_named_in_a_warning_with_the_known_share_it_leaves():
+    half = [[1, None], [None, 0], [0, None], [None, 1]]  # every attribute known on half the images
+    (message,) = mixing_warnings(0.0, 1.0, half)
+    assert message.startswith("--cutmix: a mixed label is known only where both images' labels are, so with 50% of "
+                              "the training labels known about 25% stay known in a mixed batch")
+    assert mixing_warnings(0.2, 1.0, half)[0].startswith("--mixup / --cutmix: ")
+    assert mixing_warnings(0.0, 0.0, half) == []  # no mixing
+    mostly_known = [[1, 0]] * 9 + [[None, 0]]  # 95% known: 0.95 vs 0.905 mixed, within the 0.8 ratio
+    assert mixing_warnings(0.2, 0.0, mostly_known) == []
