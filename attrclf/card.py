@@ -57,7 +57,6 @@ def render_card(config: dict, metrics: dict | None = None, train_config: dict | 
         na_summary=na_summary(train_config),
         threshold_summary=threshold_summary(metrics),
         na_procedure=na_procedure(train_config),
-        relations_note=relations_note(metrics),
         limitations=limitations(metrics, train_config) if metrics else [],
         images=images,
         fmt=lambda v: "n/a" if v is None else f"{v:.3f}",
@@ -230,24 +229,6 @@ def na_procedure(train_config: dict) -> str:
     if policy == "negative":
         return "`--na-policy negative`: NA counted as absent (0) in the training loss"
     return "`--na-policy ignore`: NA left out of the loss"
-
-
-def relations_note(metrics: dict | None) -> str:
-    """The training procedure's line on --label-relations: the relations found and the NA entries they decided."""
-    report = (metrics or {}).get("label_relations")
-    if not report:
-        return ""
-    if not report["relations"]:
-        return (f"no relation between attributes passed the evidence floor ({report['min_evidence']:g} expected "
-                f"counter-examples), so no NA entry was filled")
-    shown = "; ".join(report["relations"][:6]) + ("; ..." if len(report["relations"]) > 6 else "")
-    decided = ", ".join(f"{name} {v['present']} present / {v['absent']} absent" for name, v in
-                        report["filled"].items() if v["present"] or v["absent"])
-    return (f"{len(report['relations'])} relation(s) held on every training image where both attributes were known, "
-            f"with at least {report['min_evidence']:g} counter-examples expected were they unrelated ({shown}); they "
-            f"decided {report['filled_total']} NA training entries from the same images' given labels ({decided}), "
-            f"which the loss counted as known. Validation, the best epoch, the thresholds and every count saw the "
-            f"given labels only")
 
 
 def attribute_rows(config: dict, metrics: dict | None) -> list[dict]:

@@ -142,15 +142,6 @@ def read_checkpoint(path: Path, fingerprint: str, cfg: TrainConfig,
     """The loop's state and best epoch from a checkpoint, after checking that it comes from this data and layout."""
     saved = json.loads((path / STATE_FILE).read_text())
     if saved["fingerprint"] != fingerprint:
-        relations = [f"--{name.replace('_', '-')}" for name, default in (("label_relations", False),
-                                                                         ("relation_evidence", 3.0))
-                     if saved["train_config"].get(name, default) != getattr(cfg, name)]
-        if relations:  # the training labels differ because the relations that complete them do
-            raise AttrclfError(
-                f"--resume: checkpoint '{path}' was trained with other {' / '.join(relations)} settings, which "
-                f"decide its training labels; resume with the checkpoint's ({', '.join(relations)} as in "
-                f"{path / STATE_FILE}'s train_config), or start afresh"
-            )
         raise AttrclfError(
             f"--resume: checkpoint '{path}' was trained on other data (label names, images, labels or split differ); "
             f"resume with the same --data / --label-columns / --val-fraction / --seed, or start afresh"

@@ -161,14 +161,6 @@ class TrainConfig:
     fixmatch_pos_weight: bool = _opt("--na-policy fixmatch: the positive weight multiplies a pseudo-positive as it "
                                      "does a known positive (default: each weighs 1, so a wrong one costs no more "
                                      "than a wrong negative)", False)
-    label_relations: bool = _opt("mine 'a implies b' and 'a excludes b' relations from the training images where "
-                                 "both attributes are known (no counter-example, and enough evidence: "
-                                 "--relation-evidence) and fill each training NA entry that a relation decides from "
-                                 "a given label of the same image; the loss counts the filled entries as known, "
-                                 "validation, thresholds and metrics never do", False)
-    relation_evidence: float = _opt("--label-relations: keep a relation only when, were the two attributes "
-                                    "unrelated, the premise's known positives would show at least this many "
-                                    "counter-examples (it shows none)", 3.0)
     pos_weight_cap: float = _opt("upper bound of the per-attribute positive weight (negatives / positives): an "
                                  "attribute rarer than 1 in 11 has its positives weighed 10 times a negative, not "
                                  "fully compensated, so a few rare positives do not pull the shared layers off the "
@@ -331,8 +323,6 @@ class TrainConfig:
                 return f"it tunes --loss {loss}, and this run uses --loss {self.loss}"
         if name == "crop_scale" and self.geometry != "crop":
             return f"it sizes the random crops of --geometry crop, and this run uses --geometry {self.geometry}"
-        if name == "relation_evidence" and not self.label_relations:
-            return "it tunes --label-relations, which this run does not use"
         if name == "hub_private" and not self.push_to_hub:
             return "it applies to the repo that --push-to-hub creates, and this run pushes nothing"
         if name in ("shuffle_buffer", "val_data", "val_rows", "stats_rows", "eval_every") and not is_stream(
@@ -361,11 +351,6 @@ class TrainConfig:
             raise AttrclfError(f"--drop-path must be in [0, 1), 0 = off (got {self.drop_path:g})")
         if not self.clip_grad >= 0:  # also catches nan
             raise AttrclfError(f"--clip-grad must be >= 0, 0 = off (got {self.clip_grad:g})")
-        if not self.relation_evidence > 0:  # also catches nan
-            raise AttrclfError(f"--relation-evidence must be > 0 (got {self.relation_evidence:g})")
-        if self.label_relations and is_stream(self.data, self.streaming):
-            raise AttrclfError("--label-relations reads every training label before training, which a stream does "
-                               "not hold: drop --label-relations or load the data whole (no --streaming)")
         if not self.pos_weight_cap >= 1:  # also catches nan; below 1 the bounds [1/cap, cap] cross
             raise AttrclfError(f"--pos-weight-cap must be >= 1, 1 = no positive weighting "
                                f"(got {self.pos_weight_cap:g})")

@@ -39,7 +39,6 @@ from .losses import PseudoLabeller, SelectiveNegatives, TeacherTargets, ViewPseu
 from .model import ALL_STAGES, AttrClassifier, AttrConfig
 from .optim import current_lrs, lr_factor, make_optimizer, set_lrs, stage_at
 from .outputs import check_space, sweep, writing
-from .relations import complete_training_labels, describe_report
 from .reporting import finalize, fmt, progress, summary_table, write_outputs
 from .sources import AttrData, prepare_data
 from .splits import data_fingerprint
@@ -519,14 +518,8 @@ def train_and_save(cfg: TrainConfig, data: AttrData, accelerator: Accelerator) -
         f"{torch.get_num_threads()} thread(s) each"
     )
     prepare_output_dir(cfg, model, accelerator)
-    train_data, relations = data, None
-    if cfg.label_relations:
-        train_data, relations = complete_training_labels(data, cfg.relation_evidence)
-        accelerator.print(describe_report(relations))
-    result = fit(model, train_data, cfg, accelerator, resume_from=resume_from)
-    metrics = finalize(model, result, data, cfg)  # the given labels: counts, validation and thresholds
-    if relations is not None:
-        metrics["label_relations"] = relations
+    result = fit(model, data, cfg, accelerator, resume_from=resume_from)
+    metrics = finalize(model, result, data, cfg)
     if isinstance(data, StreamData):
         describe_stream(metrics, data, cfg, steps=len(result.history.iterations.step), world_size=result.world_size)
     if accelerator.is_main_process:

@@ -68,19 +68,3 @@ def test_a_checkpoint_with_another_optimizer_layout_is_refused_by_name(tmp_path)
     with pytest.raises(AttrclfError, match=r"trained with --head-hidden 128; this run asks for 0 .* Add --head-hidden "
                                            r"128 to the command to resume"):
         check_optimizer_layout(tmp_path, {"unfreeze_stages": "2", "head_hidden": 128}, cfg)
-
-
-def test_resuming_with_other_label_relations_settings_names_them(tmp_path, tiny_data):
-    import json
-
-    checkpoint = tmp_path / "epoch_0002"
-    checkpoint.mkdir()
-    (checkpoint / "training_state.json").write_text(json.dumps(
-        {"fingerprint": "labels as the relations completed them", "train_config": {"label_relations": False}}))
-    cfg = tiny_config(tiny_data, tmp_path, label_relations=True)
-    with pytest.raises(AttrclfError, match=r"was trained with other --label-relations settings, which decide its "
-                                           r"training labels; resume with the checkpoint's"):
-        read_checkpoint(checkpoint, "the labels this run completed", cfg, Accelerator(cpu=True))
-    cfg = tiny_config(tiny_data, tmp_path)  # the same relation settings: the data itself differs
-    with pytest.raises(AttrclfError, match="trained on other data"):
-        read_checkpoint(checkpoint, "other data", cfg, Accelerator(cpu=True))
