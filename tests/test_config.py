@@ -191,4 +191,3 @@ def test_head_flags_the_chosen_head_does_not_read_are_named_in_a_warning():
 ])
 def test_flags_that_tune_another_mode_than_the_runs_are_named_in_a_warning(args, warnings):
     assert parse_args(args).unused_flags() == warnings
-
