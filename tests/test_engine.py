@@ -10,7 +10,7 @@ import torch
 from accelerate import Accelerator
 
 from attrclf.config import TrainConfig
-from attrclf.engine import build_model, evaluate, fit, setup_training, stop_reason, train_and_save
+from attrclf.engine import build_model, evaluate, fit, stop_reason, train_and_save
 from attrclf.loader import make_loader
 from attrclf.losses import build_loss
 from attrclf.metrics import evaluate_predictions, mean_average_precision
@@ -211,20 +211,3 @@ def test_a_run_anneals_after_its_plateau_keeps_a_better_annealed_epoch_and_stops
     assert lrs[4] < 0.07 * cfg.lr_finetune and lr_factor(5 * per_epoch - 1, per_epoch, cfg) > 0.4
     card = (tmp_path / "out" / "README.md").read_text()
     assert "after 1 epochs without a better validation mAP and 2 more (or the epochs left) that annealed" in card
-
-
-def test_prior_bias_starts_each_attribute_at_its_training_log_odds(tmp_path, tiny_data):
-    from attrclf.labels import label_counts
-
-    data = tiny_split(tiny_data)
-    cfg = tiny_config(tiny_data, tmp_path, prior_bias=True)
-    model = build_model(cfg, data.label_names)
-    parts = setup_training(model, data, cfg, Accelerator(cpu=True))
-    counts = label_counts(data.train["labels"], 3)  # NA left out, as --na-policy ignore counts them
-    expected = [np.log(w * (p + 0.5) / (n + 0.5)) for w, p, n in
-                zip(parts.pos_weight.tolist(), counts.positive, counts.negative, strict=True)]
-    np.testing.assert_allclose(model.head[-1].bias.detach().numpy(), expected, rtol=1e-6)
-    plain = build_model(tiny_config(tiny_data, tmp_path), data.label_names)
-    before = plain.head[-1].bias.detach().clone()
-    setup_training(plain, data, tiny_config(tiny_data, tmp_path), Accelerator(cpu=True))
-    assert torch.equal(plain.head[-1].bias.detach(), before)  # off by default: the bias is left as built

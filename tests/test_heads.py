@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from attrclf.heads import HEAD_TYPES, MLPHead, QueryHead, build_head, output_bias, set_prior_bias
+from attrclf.heads import HEAD_TYPES, MLPHead, QueryHead, build_head
 
 
 def test_mlp_head_keeps_the_parameter_names_saved_models_have():
@@ -57,18 +57,3 @@ def test_build_head_names_the_choices():
     assert HEAD_TYPES == ("mlp", "query")
     with pytest.raises(ValueError, match="unknown head type 'gap'.*mlp, query"):
         build_head("gap", 8, 2)
-
-
-@pytest.mark.parametrize("head", [MLPHead(8, 3, hidden=0, dropout=0.5, hidden_dropout=0.3),
-                                  MLPHead(8, 3, hidden=4, dropout=0.5, hidden_dropout=0.3),
-                                  QueryHead(8, 3, dim=8, heads=2)], ids=["linear", "mlp", "query"])
-def test_prior_bias_is_the_weighted_bce_optimum_of_a_constant_logit(head):
-    # a constant logit z minimises w*p*log(1 + e^-z) + (1 - p)*log(1 + e^z) at z = log(w*p / (1 - p))
-    set_prior_bias(head, positives=[10, 0, 50], negatives=[990, 100, 50], pos_weight=torch.tensor([10.0, 10.0, 1.0]))
-    expected = torch.tensor([10 * 10.5 / 990.5, 10 * 0.5 / 100.5, 1.0]).log()  # half a count added to each
-    assert output_bias(head) is (head.bias if isinstance(head, QueryHead) else head[-1].bias)
-    torch.testing.assert_close(output_bias(head).detach(), expected)
-    z = torch.linspace(-6, 2, 8001, dtype=torch.float64).requires_grad_()  # the optimum, found numerically
-    p, w = 10.5 / 1001, 10.0
-    loss = w * p * torch.nn.functional.softplus(-z) + (1 - p) * torch.nn.functional.softplus(z)
-    assert abs(z[loss.argmin()].item() - expected[0].item()) < 2e-3
