@@ -161,10 +161,6 @@ class TrainConfig:
     fixmatch_pos_weight: bool = _opt("--na-policy fixmatch: the positive weight multiplies a pseudo-positive as it "
                                      "does a known positive (default: each weighs 1, so a wrong one costs no more "
                                      "than a wrong negative)", False)
-    prior_bias: bool = _opt("start each attribute's output bias at the log-odds a constant predictor would learn "
-                            "(positive weight x positives / negatives among the known training labels) instead of "
-                            "0, so a rare attribute starts near its base rate (RetinaNet's prior initialisation)",
-                            False)
     pos_weight_cap: float = _opt("upper bound of the per-attribute positive weight (negatives / positives): an "
                                  "attribute rarer than 1 in 11 has its positives weighed 10 times a negative, not "
                                  "fully compensated, so a few rare positives do not pull the shared layers off the "

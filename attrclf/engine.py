@@ -33,7 +33,6 @@ from .decodecache import augment_on, data_path, decode_cache
 from .device_augment import strong_view
 from .ema import make_ema, update_ema
 from .headcache import CachedHeadStage, uses_feature_cache
-from .heads import set_prior_bias
 from .labels import compute_pos_weight, label_counts, training_counts
 from .loader import DecodeFailures, balanced_sample_weights, make_loader
 from .losses import PseudoLabeller, SelectiveNegatives, TeacherTargets, ViewPseudoLabels, apply_na_policy, build_loss
@@ -255,10 +254,8 @@ def setup_training(model: AttrClassifier, data: AttrData, cfg: TrainConfig, acce
     """Loss with the training split's pos_weight (the same on every process: the split is seeded), loaders and
     optimizer."""
     num_labels = len(data.label_names)
-    counts = training_counts(data.train["labels"], num_labels, cfg.na_policy)
-    pos_weight, warnings = compute_pos_weight(counts, data.label_names, cfg.pos_weight_cap)
-    if cfg.prior_bias:  # a resumed run loads its own bias over this one
-        set_prior_bias(model.head, counts.positive, counts.negative, pos_weight)
+    pos_weight, warnings = compute_pos_weight(training_counts(data.train["labels"], num_labels, cfg.na_policy),
+                                              data.label_names, cfg.pos_weight_cap)
     for message in warnings:
         accelerator.print(f"warning: {message}")
     loss_fn = build_loss(cfg.loss, pos_weight, **cfg.loss_options()).to(accelerator.device)

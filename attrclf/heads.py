@@ -91,22 +91,6 @@ class QueryHead(nn.Module):
         return (self.norm(queries) * self.weight).sum(-1) + self.bias
 
 
-def output_bias(head: nn.Module) -> nn.Parameter:
-    """The (A,) bias added to every attribute's logit last, in either head."""
-    return head.bias if isinstance(head, QueryHead) else head[-1].bias
-
-
-def set_prior_bias(head: nn.Module, positives: list[int], negatives: list[int], pos_weight: torch.Tensor) -> None:
-    """Start each attribute's output bias at the logit a constant predictor would learn under the weighted BCE:
-    log(pos_weight x positives / negatives), with half a count added to each so an attribute with no positive (or no
-    negative) gets a finite start (RetinaNet's prior initialisation, with the positive weight in it)."""
-    pos = torch.tensor(positives, dtype=torch.float64) + 0.5
-    neg = torch.tensor(negatives, dtype=torch.float64) + 0.5
-    prior = (pos_weight.double().cpu() * pos / neg).log()
-    with torch.no_grad():
-        output_bias(head).copy_(prior.to(output_bias(head).dtype))
-
-
 def build_head(kind: str, in_features: int, num_labels: int, **options) -> nn.Module:
     """The head named by `kind` (one of HEAD_TYPES) with its own options (see MLPHead / QueryHead)."""
     if kind == "mlp":
