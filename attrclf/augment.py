@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .errors import AttrclfError
+from .labels import training_counts
 
 
 def mix_known(mask: torch.Tensor, lam: float) -> torch.Tensor:
@@ -45,13 +46,16 @@ def cutmix(pixel_values, targets, mask, box: tuple[int, int, int, int]):
     return mixed_pixels, targets * lam + targets.flip(0) * (1.0 - lam), mix_known(mask, lam), lam
 
 
-def mixing_warnings(mixup_alpha: float, cutmix_alpha: float, labels: list[list[int | None]]) -> list[str]:
+def mixing_warnings(mixup_alpha: float, cutmix_alpha: float, labels: list[list[int | None]],
+                    na_policy: str = "ignore") -> list[str]:
     """A warning when --mixup / --cutmix would take most known labels out of the loss: a mixed entry is known only
-    where both images know it, so a known share k per attribute becomes about k squared."""
+    where both images know it, so a known share k per attribute becomes about k squared. Known as the loss sees it
+    (`training_counts`: under --na-policy negative every entry is)."""
     if not (mixup_alpha or cutmix_alpha) or not labels:
         return []
-    known = np.array([[v is not None for v in row] for row in labels], dtype=np.float64)
-    share, mixed = known.mean(), (known.mean(0) ** 2).mean()
+    counts = training_counts(labels, len(labels[0]), na_policy)
+    known = 1.0 - np.array(counts.na, dtype=np.float64) / len(labels)  # per attribute
+    share, mixed = known.mean(), (known**2).mean()
     if mixed >= 0.8 * share:
         return []
     flags = " / ".join(f for f, on in (("--mixup", mixup_alpha), ("--cutmix", cutmix_alpha)) if on)

@@ -40,7 +40,7 @@ def training_function(cfg: TrainConfig) -> dict:
     for item in data.skipped[:10]:
         accelerator.print(f"  skipped {item['image']}: {item['reason']}")
     labels = [] if isinstance(data, StreamData) else data.train["labels"]
-    for message in data.warnings + cfg.unused_flags() + mixing_warnings(cfg.mixup, cfg.cutmix, labels):
+    for message in data.warnings + cfg.unused_flags() + mixing_warnings(cfg.mixup, cfg.cutmix, labels, cfg.na_policy):
         accelerator.print(f"warning: {message}")
     if cfg.folds:
         metrics = cross_validate(cfg, data, accelerator)

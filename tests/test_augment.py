@@ -152,3 +152,4 @@ def test_mixing_on_labels_with_many_na_is_named_in_a_warning_with_the_known_shar
     assert mixing_warnings(0.0, 0.0, half) == []  # no mixing
     mostly_known = [[1, 0]] * 9 + [[None, 0]]  # 95% known: 0.95 vs 0.905 mixed, within the 0.8 ratio
     assert mixing_warnings(0.2, 0.0, mostly_known) == []
+    assert mixing_warnings(0.0, 1.0, half, "negative") == []  # NA trains as absent: every entry is known
