@@ -39,7 +39,8 @@ def training_function(cfg: TrainConfig) -> dict:
     )
     for item in data.skipped[:10]:
         accelerator.print(f"  skipped {item['image']}: {item['reason']}")
-    labels = [] if isinstance(data, StreamData) else data.train["labels"]
+    mixing = (cfg.mixup or cfg.cutmix) and not isinstance(data, StreamData)  # a stream holds no label list
+    labels = data.train["labels"] if mixing else []  # read only when mixing can need it
     for message in data.warnings + cfg.unused_flags() + mixing_warnings(cfg.mixup, cfg.cutmix, labels, cfg.na_policy):
         accelerator.print(f"warning: {message}")
     if cfg.folds:
