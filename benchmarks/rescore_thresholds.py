@@ -46,13 +46,19 @@ def run_probs(run: Path, campaign: Path, table_all: LabelTable, images: Path, *,
     seed = int(run.name.rsplit("-s", 1)[1])
     parts = {"val": campaign / f"val_s{seed}.txt", "test": campaign / "test.txt"}
     arrays = dict(np.load(cache)) if cache.is_file() else {}
+    if str(arrays.get("backend")) != TEST_BACKEND:  # a cache of an earlier version predicted with the auto backend
+        arrays = {"backend": np.array(TEST_BACKEND)}
     wanted = [*parts, "test_tta"] if tta else list(parts)
     missing = [part for part in wanted if f"{part}_probs" not in arrays]
     if not missing:
         return arrays
+    predictors = {}
     for part in missing:  # in fp32, as bench_quality scores TEST
-        predictor = Predictor.from_pretrained(str(run / "model"), device="cpu", backend=TEST_BACKEND,
-                                              tta=part == "test_tta")
+        flips = part == "test_tta"
+        if flips not in predictors:
+            predictors[flips] = Predictor.from_pretrained(str(run / "model"), device="cpu", backend=TEST_BACKEND,
+                                                          tta=flips)
+        predictor = predictors[flips]
         chosen = table_all.select(set(parts[part.removesuffix("_tta")].read_text().split()))
         arrays[f"{part}_probs"] = predictor.predict_probs([images / name for name in chosen.names()], batch_size=64)
         arrays[f"{part.removesuffix('_tta')}_targets"] = chosen.targets()
