@@ -44,24 +44,22 @@ def run_probs(run: Path, campaign: Path, table_all: LabelTable, images: Path, *,
     `tta` also the TEST probabilities under test-time augmentation ("test_tta_probs")."""
     cache = run / "rescore_probs.npz"
     seed = int(run.name.rsplit("-s", 1)[1])
-    parts = {"val": campaign / f"val_s{seed}.txt", "test": campaign / "test.txt"}
+    splits = {"val": campaign / f"val_s{seed}.txt", "test": campaign / "test.txt"}
+    views = {"val": ("val", False), "test": ("test", False)} | ({"test_tta": ("test", True)} if tta else {})
     arrays = dict(np.load(cache)) if cache.is_file() else {}
     if str(arrays.get("backend")) != TEST_BACKEND:  # a cache of an earlier version predicted with the auto backend
         arrays = {"backend": np.array(TEST_BACKEND)}
-    wanted = [*parts, "test_tta"] if tta else list(parts)
-    missing = [part for part in wanted if f"{part}_probs" not in arrays]
+    missing = [view for view in views if f"{view}_probs" not in arrays]
     if not missing:
         return arrays
-    predictors = {}
-    for part in missing:  # in fp32, as bench_quality scores TEST
-        flips = part == "test_tta"
-        if flips not in predictors:
-            predictors[flips] = Predictor.from_pretrained(str(run / "model"), device="cpu", backend=TEST_BACKEND,
-                                                          tta=flips)
-        predictor = predictors[flips]
-        chosen = table_all.select(set(parts[part.removesuffix("_tta")].read_text().split()))
-        arrays[f"{part}_probs"] = predictor.predict_probs([images / name for name in chosen.names()], batch_size=64)
-        arrays[f"{part.removesuffix('_tta')}_targets"] = chosen.targets()
+    chosen = {split: table_all.select(set(path.read_text().split())) for split, path in splits.items()}
+    predictors = {flips: Predictor.from_pretrained(str(run / "model"), device="cpu", backend=TEST_BACKEND, tta=flips)
+                  for flips in {views[view][1] for view in missing}}  # fp32, as bench_quality scores TEST
+    for view in missing:
+        split, flips = views[view]
+        names = chosen[split].names()
+        arrays[f"{view}_probs"] = predictors[flips].predict_probs([images / name for name in names], batch_size=64)
+        arrays[f"{split}_targets"] = chosen[split].targets()
     np.savez(cache, **arrays)
     return arrays
 
