@@ -22,7 +22,8 @@ across sessions; a change in attrclf/ or train.py reruns the attrclf runs. "attr
 checkout of the earlier commit with its own --out-dir.
 
 Writes benchmarks/results/quality_TAG/ (runs/, split files), quality_TAG.json and quality_TAG_curves.png (per-epoch
-validation mAP of every run), TAG = dataset, groups, epochs and size.
+validation mAP of every run), TAG = dataset, groups, epochs and size; with --out-dir DIR, DIR.json and DIR_curves.png
+beside DIR.
 """
 
 import argparse

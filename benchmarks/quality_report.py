@@ -144,8 +144,11 @@ def report(args, split, specs, results) -> None:
     checks = {name: r.split_check for name, r in results.items() if r.split_check and r.split_check != "ok"}
     if checks:
         print("WARNING: validation split differs between attrclf and the seed recipe:", checks)
-    png = plot_curves(specs, results, title=args.dataset, path=args.out_dir.parent / f"quality_{args.tag}_curves.png")
-    path = write_result(f"quality_{args.tag}", {
+    # named after the campaign's folder (quality_TAG by default), so campaigns with their own --out-dir under one
+    # parent folder (gpu_quality.sh runs several at once) keep a summary each instead of overwriting one quality_TAG
+    stem = args.out_dir.name
+    png = plot_curves(specs, results, title=args.dataset, path=args.out_dir.parent / f"{stem}_curves.png")
+    path = write_result(stem, {
         "dataset": args.dataset, "seeds": args.seeds, "epochs": args.epochs, "image_size": args.image_size,
         "limit_groups": args.limit_groups, "backbone": args.backbone, "jobs": args.jobs, "threads": args.threads,
         "test_seed": args.test_seed, "trainval_images": len(split.trainval.rows), "test_images": len(split.test.rows),
