@@ -52,14 +52,16 @@ def run_probs(run: Path, campaign: Path, table_all: LabelTable, images: Path, *,
     missing = [view for view in views if f"{view}_probs" not in arrays]
     if not missing:
         return arrays
-    chosen = {split: table_all.select(set(path.read_text().split())) for split, path in splits.items()}
+    chosen = {split: table_all.select(set(splits[split].read_text().split()))
+              for split in {views[view][0] for view in missing}}  # only the splits a missing view predicts
     predictors = {flips: Predictor.from_pretrained(str(run / "model"), device="cpu", backend=TEST_BACKEND, tta=flips)
                   for flips in {views[view][1] for view in missing}}  # fp32, as bench_quality scores TEST
+    for split, labels in chosen.items():
+        arrays[f"{split}_targets"] = labels.targets()
     for view in missing:
         split, flips = views[view]
         names = chosen[split].names()
         arrays[f"{view}_probs"] = predictors[flips].predict_probs([images / name for name in names], batch_size=64)
-        arrays[f"{split}_targets"] = chosen[split].targets()
     np.savez(cache, **arrays)
     return arrays
 
@@ -82,7 +84,7 @@ def score_run(arrays: dict[str, np.ndarray], pos_weight: list[float]) -> dict:
                         "crossfit": f1_summary(*crossfit, evaluated)["f1_macro"]}
     scores["mAP"] = mean_average_precision(*test)
     if "test_tta_probs" in arrays:
-        scores["mAP_tta"] = mean_average_precision(arrays["test_tta_probs"], test_t == 1, test_t >= 0)
+        scores["mAP_tta"] = mean_average_precision(arrays["test_tta_probs"], *test[1:])
     return scores
 
 
